@@ -1,0 +1,118 @@
+"""Image bytes -> float32 NCHW tensors, preprocessed exactly as a model's spec says.
+
+Pure numpy/PIL (and simplejpeg for the fast JPEG path): no Spark, no torch, so every executor can run it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# A 10,000 x 10,000 photo is legitimate input; decompression bombs beyond this are refused.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+_INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+MIN_SIDE = 8
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image fruitpipe can use; the message says why."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects: a square input side, how to resize, and how to normalise [0, 1] RGB."""
+
+    size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def scale_and_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (scale, shift) so that uint8 pixel p maps to (p / 255 - mean) / std in one multiply-add."""
+        std = np.asarray(self.std, dtype=np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+        shift = (-mean / std).reshape(3, 1, 1)
+        return scale.astype(np.float32), shift.astype(np.float32)
+
+
+def decode_rgb(data: bytes, target_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode any PIL-readable image to 8-bit RGB, upright (EXIF orientation applied), with its stored size.
+
+    With target_size, a large JPEG is decoded at a reduced scale (PIL draft) no smaller than target_size,
+    which is much faster than decoding the full image and resizing it.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            stored_size = image.size
+            if target_size is not None and image.format == "JPEG":
+                image.draft("RGB", (target_size, target_size))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image too large: {exc}") from None
+    except Exception as exc:  # PIL raises many types for corrupt data; all mean "not decodable"
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    if min(stored_size) < MIN_SIDE:
+        raise ImageDecodeError(f"image too small: {stored_size[0]}x{stored_size[1]} (minimum {MIN_SIDE}x{MIN_SIDE})")
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image), stored_size
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert grayscale, palette, CMYK, alpha and 16-bit images to 8-bit RGB (alpha composited on white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size else 1.0
+        array = (array / (peak if peak > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_square(image: Image.Image, size: int, interpolation: str) -> np.ndarray:
+    """Resize the shorter side to `size` and centre-crop to size x size; returns HWC uint8."""
+    width, height = image.size
+    if width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), _INTERPOLATIONS[interpolation])
+    return np.asarray(image, dtype=np.uint8)
+
+
+def preprocess(data: bytes, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image's bytes -> (CHW float32 normalised tensor, stored (width, height))."""
+    image, stored_size = decode_rgb(data, target_size=prep.size)
+    pixels = resize_square(image, prep.size, prep.interpolation)
+    scale, shift = prep.scale_and_shift()
+    tensor = pixels.transpose(2, 0, 1).astype(np.float32) * scale + shift
+    return tensor, stored_size
+
+
+def image_size(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, format) read from the header only, or None when the bytes are not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[0], image.size[1], str(image.format)
+    except Exception:
+        return None
