@@ -1,0 +1,234 @@
+"""The `fruitpipe` command: parses flags, builds a config, calls the Python API, prints a short summary.
+
+Every user-fixable problem ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from fruitpipe.errors import FruitpipeError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"fruitpipe: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("which images")
+    group.add_argument("--mode", choices=["mini", "apples", "full"],
+                       help="preset: mini = 300 images spread over classes, apples = classes Apple*, full = all "
+                            "(default: full)")
+    group.add_argument("--classes", nargs="+", metavar="GLOB", help="only classes matching these globs")
+    group.add_argument("--per-class", type=_positive_int, metavar="N", help="at most N images per class")
+    group.add_argument("--limit", type=_positive_int, metavar="N", help="at most N images, spread over classes")
+    group.add_argument("--split", choices=["Training", "Test"], help="which split folder to read (default Training)")
+
+
+def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("spark")
+    group.add_argument("--master", help="Spark master URL (default local[*]); e.g. spark://host:7077, yarn")
+    group.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="a Spark setting (repeatable)")
+    group.add_argument("--threads-per-task", type=_positive_int, metavar="N",
+                       help="ONNX Runtime threads per Spark task; keep tasks x threads <= cores (default 1)")
+    group.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per inference batch")
+    group.add_argument("--shard-size", type=_positive_int, metavar="N", help="images per shard (unit of resume)")
+    group.add_argument("--read-timeout", type=float, dest="read_timeout_s", metavar="SECONDS",
+                       help="give up on one image after this long reading + decoding (default 60)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fruitpipe import __version__
+
+    parser = _Parser(prog="fruitpipe", description="Pretrained-CNN features, PCA and clean outputs for "
+                                                   "folders of fruit photos, on Apache Spark.")
+    parser.add_argument("--version", action="version", version=f"fruitpipe {__version__}")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of defaults (flags override it)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser("run", help="features + PCA + outputs for a folder of images",
+                              description="List SRC, extract CNN features on Spark, fit a PCA, write OUT.")
+    run.add_argument("source", nargs="?", metavar="SRC", help="folder or URI holding Training/<class>/*.jpg")
+    run.add_argument("output", nargs="?", metavar="OUT", help="folder or URI for the run's outputs")
+    _add_selection_flags(run)
+    model = run.add_argument_group("model and PCA")
+    model.add_argument("--model", help="feature model (default efficientnet_lite0; see `fruitpipe models`)")
+    model.add_argument("--weights", help="weights file or URI (mobilenet_v2), or 'random' for speed tests")
+    model.add_argument("--image-size", type=_positive_int, metavar="PX", help="input side (default: the model's)")
+    model.add_argument("--pca-k", type=_positive_int, metavar="K", help="PCA components to keep (default 50)")
+    model.add_argument("--pca-variance", type=float, metavar="FRACTION",
+                       help="keep the fewest components reaching this explained variance, e.g. 0.95")
+    output = run.add_argument_group("output")
+    output.add_argument("--features-csv", action="store_true", default=None, help="also write csv/features.csv")
+    output.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in OUT")
+    output.add_argument("--quiet", action="store_true", default=None, help="no progress output")
+    output.add_argument("--cache-dir", help="where exported models and downloaded weights are kept")
+    _add_spark_flags(run)
+    run.set_defaults(handler=_cmd_run)
+
+    transform = commands.add_parser("transform", help="project new images with a finished run's model and PCA")
+    transform.add_argument("run_dir", metavar="RUN_DIR")
+    transform.add_argument("source", metavar="SRC")
+    transform.add_argument("output", metavar="OUT")
+    _add_selection_flags(transform)
+    transform.add_argument("--overwrite", action="store_true", default=None)
+    _add_spark_flags(transform)
+    transform.set_defaults(handler=_cmd_transform)
+
+    inventory = commands.add_parser("inventory", help="per-image and per-class CSV of what SRC holds")
+    inventory.add_argument("source", metavar="SRC")
+    inventory.add_argument("--out", required=True, metavar="OUT", help="folder or URI for images.csv, classes.csv")
+    inventory.set_defaults(handler=_cmd_inventory)
+
+    demo = commands.add_parser("demo-data", help="write a Fruits-360-like demo dataset")
+    demo.add_argument("output", metavar="OUT")
+    demo.add_argument("--classes", type=_positive_int, default=20, metavar="N", help="number of classes (<= 131)")
+    demo.add_argument("--per-class", type=_positive_int, default=30, metavar="M", help="training images per class")
+    demo.add_argument("--test-per-class", type=_positive_int, metavar="M", help="test images per class")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workers", type=_positive_int, help="processes (default: all cores)")
+    demo.set_defaults(handler=_cmd_demo_data)
+
+    predict = commands.add_parser("predict", help="ImageNet top-k for images: checks weights and preprocessing")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--model", default="efficientnet_lite0")
+    predict.add_argument("--weights")
+    predict.add_argument("--top", type=_positive_int, default=5)
+    predict.add_argument("--cache-dir")
+    predict.set_defaults(handler=_cmd_predict)
+
+    models = commands.add_parser("models", help="list the feature models")
+    models.set_defaults(handler=_cmd_models)
+
+    from fruitpipe.cloud.cli import register as register_emr
+
+    register_emr(commands)
+    return parser
+
+
+def _run_config(args: argparse.Namespace, **fixed):
+    from fruitpipe.config import build_config, load_yaml, parse_spark_conf
+
+    file_values = load_yaml(args.config)
+    names = ("source", "output", "mode", "classes", "per_class", "limit", "split", "model", "weights", "image_size",
+             "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
+             "threads_per_task", "batch_size", "shard_size", "read_timeout_s")
+    overrides = {name: getattr(args, name, None) for name in names}
+    if getattr(args, "spark_conf", None):
+        overrides["spark_conf"] = {**dict(file_values.get("spark_conf") or {}), **parse_spark_conf(args.spark_conf)}
+    overrides.update(fixed)
+    return build_config(file_values, overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fruitpipe.pipeline import run
+
+    result = run(_run_config(args))
+    _print_summary(result)
+    return 0
+
+
+def _cmd_transform(args: argparse.Namespace) -> int:
+    from fruitpipe.pipeline import transform
+
+    result = transform(args.run_dir, _run_config(args))
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result) -> None:
+    seconds = result.seconds
+    print(f"images: {result.images_ok} ok, {result.images_failed} failed of {result.images_listed} listed "
+          f"({result.shards_total} shards, {result.shards_resumed} resumed)")
+    print(f"speed: {result.images_per_second:.1f} images/s end to end ({seconds['total']:.1f} s; "
+          f"extract {seconds.get('extract', 0):.1f} s, PCA fit {seconds.get('pca_fit', 0):.2f} s)")
+    print(f"PCA: {result.feature_dim} -> {result.pca_k} components, variance kept {result.variance_kept:.1%}")
+    print(f"outputs: {result.output} (features/, pca/, metadata/, errors/, variance.csv, manifest.json)")
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    from fruitpipe.inventory import build_inventory
+
+    summary = build_inventory(args.source, args.out)
+    print(f"{summary.files} files in {summary.classes} class folders, {summary.unreadable} unreadable, "
+          f"{summary.bytes / 1e6:.1f} MB")
+    print(f"wrote {summary.images_csv} and {summary.classes_csv}")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from fruitpipe.demo_data import generate_demo_dataset
+
+    summary = generate_demo_dataset(args.output, classes=args.classes, per_class=args.per_class, seed=args.seed,
+                                    test_per_class=args.test_per_class, workers=args.workers)
+    print(f"wrote {summary.training_images} training + {summary.test_images} test images in "
+          f"{len(summary.classes)} classes to {summary.root} ({summary.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fruitpipe.config import DEFAULT_CACHE_DIR
+    from fruitpipe.models import get_spec
+    from fruitpipe.models.predict import predict_topk
+    from fruitpipe.storage import locate, read_bytes
+
+    images = []
+    for image in args.images:
+        location = locate(image)
+        try:
+            images.append(read_bytes(location, location.path))
+        except FileNotFoundError:
+            raise FruitpipeError(f"image not found: {image}") from None
+    results = predict_topk(images, get_spec(args.model), args.weights, args.cache_dir or DEFAULT_CACHE_DIR, args.top)
+    for image, top in zip(args.images, results):
+        print(image)
+        for class_id, name, probability in top:
+            print(f"  {class_id:4d}  {probability:6.1%}  {name}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from fruitpipe.models import available_models, get_spec
+
+    for name in available_models():
+        spec = get_spec(name)
+        print(f"{name}: {spec.input_size}px {spec.interpolation}, {spec.feature_dim}-d features, "
+              f"weights: {spec.weights_source}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fruitpipe` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except FruitpipeError as exc:
+        print(f"fruitpipe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fruitpipe: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Listing a Fruits-360-style folder (`<split>/<class>/<file>`) and choosing the images a run takes.
+
+Labels are folder names. Listing is one flat (recursive) listing of the source, which on S3 is a paged prefix
+listing (1,000 keys a call) rather than one call per class folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+from fruitpipe.config import Selection
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.storage import find_files, locate
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One listed image: `path` is relative to the source root and is the stable key of every output row."""
+
+    image_id: str
+    path: str
+    label: str
+    split: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a source holds for one split: the images, the files that are not images, and the class names."""
+
+    source: str
+    split: str
+    images: list[ImageRecord]
+    other_files: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({record.label for record in self.images})
+
+
+def image_id_for(relative_path: str) -> str:
+    """A stable id from the path relative to the source: equal for the same image on disk or in S3."""
+    return hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:16]
+
+
+def list_split(source: str, split: str) -> Listing:
+    """List `<source>/<split>/<class>/*` images; a source without split folders is read as one split."""
+    location = locate(source)
+    files = find_files(location, location.path)
+    if not files:
+        raise FruitpipeError(f"source {source} is missing or empty")
+    prefix = location.path.rstrip("/") + "/"
+    relative = {path[len(prefix):]: size for path, size in files.items() if path.startswith(prefix)}
+    has_splits = any(path.split("/", 1)[0] in ("Training", "Test") for path in relative)
+    images: list[ImageRecord] = []
+    other_files: list[str] = []
+    for path, size in sorted(relative.items()):
+        parts = path.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue
+        if has_splits:
+            if parts[0] != split or len(parts) < 3:
+                continue
+            label = parts[1]
+        else:
+            if len(parts) < 2:
+                continue
+            label = parts[0]
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            images.append(ImageRecord(image_id_for(path), path, label, split if has_splits else "", size))
+        else:
+            other_files.append(path)
+    if not images:
+        where = f"{source}/{split}" if has_splits else source
+        raise FruitpipeError(f"no images found under {where} (expected <class>/*.jpg folders)")
+    return Listing(source=source, split=split, images=images, other_files=other_files)
+
+
+def select(images: list[ImageRecord], selection: Selection) -> list[ImageRecord]:
+    """Apply class globs, then a per-class cap, then a total limit spread evenly over classes (deterministic)."""
+    by_class: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in images:
+        if not selection.classes or any(fnmatch.fnmatchcase(record.label, glob) for glob in selection.classes):
+            by_class[record.label].append(record)
+    if not by_class:
+        raise FruitpipeError(f"no class matches {', '.join(selection.classes)}")
+    for label in by_class:
+        by_class[label].sort(key=lambda record: record.path)
+        if selection.per_class is not None:
+            by_class[label] = by_class[label][: selection.per_class]
+    if selection.limit is None:
+        chosen = [record for label in sorted(by_class) for record in by_class[label]]
+    else:
+        chosen = _round_robin(by_class, selection.limit)
+    return sorted(chosen, key=lambda record: record.path)
+
+
+def _round_robin(by_class: dict[str, list[ImageRecord]], limit: int) -> list[ImageRecord]:
+    """Take images class by class in turn, so a limit keeps every class represented."""
+    chosen: list[ImageRecord] = []
+    labels = sorted(by_class)
+    depth = 0
+    while len(chosen) < limit and any(depth < len(by_class[label]) for label in labels):
+        for label in labels:
+            if depth < len(by_class[label]) and len(chosen) < limit:
+                chosen.append(by_class[label][depth])
+        depth += 1
+    return chosen
+
+
+def label_indices(images: list[ImageRecord]) -> dict[str, int]:
+    """Class name -> index in sorted order (the `label_index` column)."""
+    return {label: index for index, label in enumerate(sorted({record.label for record in images}))}

@@ -1,0 +1,321 @@
+"""The only orchestrator: list -> plan shards -> extract on Spark -> PCA fit -> project -> outputs + manifest.
+
+A run folder is resumable: shards whose stats file exists are done and skipped; a run folder made with a
+different configuration is refused rather than mixed; `overwrite` starts afresh.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import dataclasses
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from fruitpipe import __version__, sinks
+from fruitpipe.config import RunConfig
+from fruitpipe.dataset import ImageRecord, label_indices, list_split, select
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.extract import ExtractionSettings
+from fruitpipe.models import ModelSpec, export_onnx, get_spec
+from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
+from fruitpipe.storage import Location, list_names, locate, read_bytes, remove_tree, write_bytes
+
+@dataclass(frozen=True)
+class FeatureModel:
+    """The exact feature extractor of a run: its spec, input size and ONNX bytes (what executors receive)."""
+
+    spec: ModelSpec
+    input_size: int
+    onnx: bytes
+    onnx_sha256: str
+    weights_sha256: str
+
+    @classmethod
+    def export(cls, config: RunConfig) -> FeatureModel:
+        spec = get_spec(config.model)
+        exported = export_onnx(spec, config.weights, config.cache_dir, config.image_size)
+        with open(exported.path, "rb") as handle:
+            onnx = handle.read()
+        return cls(spec, exported.input_size, onnx, exported.onnx_sha256, exported.weights_sha256)
+
+    @classmethod
+    def from_run(cls, run_dir: str) -> FeatureModel:
+        """The model a finished run used, read back from its folder (no export, no weights needed)."""
+        out = locate(run_dir)
+        try:
+            info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
+            onnx = read_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE))
+        except FileNotFoundError:
+            raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no model_info or model)") from None
+        return cls(get_spec(info["model"]), int(info["image_size"]), onnx, info["onnx_sha256"], info["weights_sha256"])
+
+
+@dataclass
+class RunResult:
+    """What a run produced: where, how many, how much variance, how long; loaders for notebooks."""
+
+    output: str
+    images_listed: int
+    images_ok: int
+    images_failed: int
+    shards_total: int
+    shards_resumed: int
+    pca_k: int
+    variance_kept: float
+    seconds: dict[str, float]
+    model: str
+    feature_dim: int
+    executors: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        total = self.seconds.get("total", 0.0)
+        return self.images_listed / total if total > 0 else 0.0
+
+    def _table(self, directory: str) -> pa.Table:
+        return sinks.read_dataset(locate(self.output), directory)
+
+    def features(self) -> pd.DataFrame:
+        """Features as pandas: key columns and a `features` column of float32 arrays."""
+        return self._table(sinks.FEATURES).to_pandas()
+
+    def pca(self) -> pd.DataFrame:
+        return self._table(sinks.PCA).to_pandas()
+
+    def metadata(self) -> pd.DataFrame:
+        return self._table(sinks.METADATA).to_pandas()
+
+    def errors(self) -> pd.DataFrame:
+        return self._table(sinks.ERRORS).to_pandas()
+
+    def arrow(self, directory: str) -> pa.Table:
+        """Any output folder (features, pca, metadata, errors) as an Arrow table."""
+        return self._table(directory)
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run the whole pipeline for `config` and return what it produced."""
+    config.validate()
+    started = time.perf_counter()
+    feature_model = FeatureModel.export(config)
+    return _execute(config, feature_model, None, started, {"model_export": time.perf_counter() - started})
+
+
+def transform(run_dir: str, config: RunConfig) -> RunResult:
+    """Features + PCA for new images with a finished run's model and fitted PCA (no refit)."""
+    started = time.perf_counter()
+    feature_model = FeatureModel.from_run(run_dir)
+    pca_model = load_pca_model(run_dir)
+    config = dataclasses.replace(config, model=feature_model.spec.name, image_size=feature_model.input_size).validate()
+    return _execute(config, feature_model, pca_model, started, {"model_export": 0.0})
+
+
+def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel | None, started: float,
+             seconds: dict[str, float]) -> RunResult:
+    out = locate(config.output)
+    phase = time.perf_counter()
+    listing = list_split(config.source, config.split)
+    selection = config.selection()
+    images = select(listing.images, selection)
+    unlisted = [path for path in listing.other_files if _in_selection(path, listing.split, selection)]
+    seconds["list"] = time.perf_counter() - phase
+
+    if fixed_pca is None and config.pca_variance is None:
+        _check_k(config.pca_k, feature_model.spec.feature_dim, len(images))
+    fingerprint = config.fingerprint(feature_model.weights_sha256, feature_model.input_size)
+    _prepare_output(out, config, fingerprint)
+    write_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE), feature_model.onnx)
+    _write_listing_errors(out, unlisted)
+    shards = plan_shards(images, config.shard_size)
+    done = set(done_shards(out)) & set(shards)
+    pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
+
+    from fruitpipe.spark import run_extraction, run_gram, run_projection, spark_session
+
+    settings = ExtractionSettings(source=config.source, output=config.output,
+                                  preprocessing=feature_model.spec.preprocessing(feature_model.input_size),
+                                  model_key=feature_model.onnx_sha256, batch_size=config.batch_size,
+                                  threads=config.threads_per_task, read_timeout_s=config.read_timeout_s)
+    with spark_session(config.master, dict(config.spark_conf)) as spark:
+        phase = time.perf_counter()
+        run_extraction(spark, pending, settings, feature_model.onnx)
+        seconds["extract"] = time.perf_counter() - phase
+
+        stats = _shard_stats(out, sorted(shards))
+        images_ok = sum(s["ok"] for s in stats)
+        ok_shards = [s["shard_id"] for s in stats if s["ok"] > 0]
+        phase = time.perf_counter()
+        if fixed_pca is not None:
+            model = fixed_pca
+        else:
+            if images_ok < 2:
+                raise FruitpipeError(f"only {images_ok} of {len(images)} images could be processed; "
+                                     f"see {out.uri(out.join(sinks.ERRORS))}")
+            statistics = run_gram(spark, config.output, ok_shards, _shift(out, ok_shards[0]))
+            model = fit(statistics, k=None if config.pca_variance else config.pca_k, variance=config.pca_variance)
+        seconds["pca_fit"] = time.perf_counter() - phase
+
+        phase = time.perf_counter()
+        remove_tree(out, out.join(sinks.PCA))
+        run_projection(spark, config.output, ok_shards, model)
+        seconds["pca_transform"] = time.perf_counter() - phase
+
+    phase = time.perf_counter()
+    counts = {"images_listed": len(images) + len(unlisted), "images_ok": images_ok,
+              "images_failed": sum(s["failed"] for s in stats) + len(unlisted)}
+    _write_pca_model(out, model, feature_model)
+    _write_csv_copies(out, config.features_csv)
+    seconds["write_outputs"] = time.perf_counter() - phase
+    seconds["total"] = time.perf_counter() - started
+    executors = sorted({str(s["executor"]["executor_id"]) for s in stats})
+    result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
+                       pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
+                       model=feature_model.spec.name, feature_dim=int(model.mean.shape[0]), executors=executors,
+                       **counts)
+    _write_documents(out, config, feature_model, model, result, stats, fingerprint)
+    return result
+
+
+def _check_k(k: int | None, feature_dim: int, image_count: int) -> None:
+    if k is not None and k > feature_dim:
+        raise FruitpipeError(f"--pca-k {k} is larger than the feature dimension {feature_dim}")
+    if k is not None and k > image_count:
+        raise FruitpipeError(f"--pca-k {k} is larger than the number of selected images ({image_count})")
+
+
+def _in_selection(path: str, split: str, selection) -> bool:
+    """A non-image file counts as a failed image when its class is selected and no cap applies."""
+    if selection.limit is not None or selection.per_class is not None:
+        return False
+    parts = path.split("/")
+    label = parts[1] if split and len(parts) > 2 else parts[0]
+    return not selection.classes or any(fnmatch.fnmatchcase(label, glob) for glob in selection.classes)
+
+
+def plan_shards(images: list[ImageRecord], shard_size: int) -> dict[int, list[dict]]:
+    """Deterministic shards of `shard_size` images in path order: the unit of work, output and resume."""
+    indices = label_indices(images)
+    rows = [{"image_id": r.image_id, "path": r.path, "label": r.label, "label_index": indices[r.label],
+             "split": r.split, "bytes": r.bytes} for r in images]
+    shards: dict[int, list[dict]] = {}
+    for shard_id, start in enumerate(range(0, len(rows), shard_size)):
+        shards[shard_id] = [{**row, "shard_id": shard_id} for row in rows[start:start + shard_size]]
+    return shards
+
+
+def done_shards(out: Location) -> list[int]:
+    """Shards whose stats file exists: their outputs were all written before it."""
+    return [int(name[5:10]) for name in list_names(out, out.join(sinks.SHARD_STATS))
+            if name.startswith("part-") and name.endswith(".json")]
+
+
+def _prepare_output(out: Location, config: RunConfig, fingerprint: str) -> None:
+    """Refuse a folder holding something else or another configuration's run; clear it on overwrite."""
+    names = list_names(out, out.path)
+    if names:
+        if sinks.RUN_MARKER not in names:
+            raise FruitpipeError(f"output {config.output} already holds files that are not a fruitpipe run; "
+                                 "choose an empty or new folder")
+        marker = sinks.read_json(out, sinks.RUN_MARKER)
+        if config.overwrite:
+            for name in names:
+                remove_tree(out, out.join(name))
+        elif marker.get("fingerprint") != fingerprint:
+            raise FruitpipeError(f"output {config.output} holds a run with another configuration "
+                                 f"(model {marker.get('model')}, source {marker.get('source')}); "
+                                 "use --overwrite to replace it or choose another output")
+    sinks.write_json(out, sinks.RUN_MARKER, {"fingerprint": fingerprint, "model": config.model,
+                                             "source": config.source, "fruitpipe": __version__})
+
+
+def _write_listing_errors(out: Location, unlisted: list[str]) -> None:
+    rows = [{"image_id": "", "path": path, "label": path.split("/")[-2] if "/" in path else "",
+             "stage": "list", "reason": "not an image file (unsupported file suffix)"} for path in unlisted]
+    sinks.write_parquet(out, sinks.ERRORS, sinks.LISTING_ERRORS_PART, pa.Table.from_pylist(rows, schema=sinks.ERRORS_SCHEMA))
+
+
+def _shard_stats(out: Location, shard_ids: list[int]) -> list[dict]:
+    stats = [sinks.read_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(i, '.json')}") for i in shard_ids]
+    return sorted(stats, key=lambda s: s["shard_id"])
+
+
+def _shift(out: Location, shard_id: int) -> np.ndarray:
+    """A row near the data's centre (one shard's mean) to keep the Gram sums well conditioned."""
+    table = sinks.read_parquet(out, sinks.FEATURES, sinks.part_name(shard_id))
+    return sinks.vectors_matrix(table, "features").astype(np.float64).mean(axis=0)
+
+
+def _write_pca_model(out: Location, model: PcaModel, feature_model: FeatureModel) -> None:
+    write_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ), model.to_npz_bytes())
+    extra = {"feature_model": feature_model.spec.name, "weights_sha256": feature_model.weights_sha256,
+             "input_size": feature_model.input_size, "onnx_sha256": feature_model.onnx_sha256}
+    write_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_JSON), model_json(model, extra).encode())
+    sinks.write_csv(out, sinks.VARIANCE_CSV, pa.Table.from_pylist(variance_rows(model)))
+
+
+def _write_csv_copies(out: Location, features_csv: bool) -> None:
+    sinks.write_csv(out, f"{sinks.CSV}/pca.csv", sinks.expand_vectors(sinks.read_dataset(out, sinks.PCA), "pca", "pc"))
+    sinks.write_csv(out, f"{sinks.CSV}/metadata.csv", sinks.read_dataset(out, sinks.METADATA))
+    sinks.write_csv(out, f"{sinks.CSV}/errors.csv", sinks.read_dataset(out, sinks.ERRORS))
+    if features_csv:
+        features = sinks.read_dataset(out, sinks.FEATURES)
+        sinks.write_csv(out, f"{sinks.CSV}/features.csv", sinks.expand_vectors(features, "features", "f"))
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced the numbers, for model_info and the report."""
+    import onnxruntime
+    import pyspark
+
+    return {"fruitpipe": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "pandas": pd.__version__, "pyarrow": pa.__version__, "onnxruntime": onnxruntime.__version__,
+            "pyspark": pyspark.__version__, "platform": platform.platform()}
+
+
+def _write_documents(out: Location, config: RunConfig, feature_model: FeatureModel, model: PcaModel,
+                     result: RunResult, stats: list[dict], fingerprint: str) -> None:
+    """model_info, resolved config and, last, the manifest that lists every output and its row count."""
+    spec = feature_model.spec
+    counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
+              "images_failed": result.images_failed}
+    shard_seconds = {phase: sum(s["seconds"][phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
+    model_info = {
+        "model": spec.name, "weights": config.weights or spec.weights_source,
+        "weights_sha256": feature_model.weights_sha256, "onnx_sha256": feature_model.onnx_sha256,
+        "image_size": feature_model.input_size, "interpolation": spec.interpolation, "mean": list(spec.mean),
+        "std": list(spec.std), "feature_dim": result.feature_dim, "pca_k": model.k,
+        "variance_kept": model.variance_kept, "counts": counts, "seconds": result.seconds,
+        "shard_seconds_summed": shard_seconds, "images_per_second": result.images_per_second,
+        "executors": result.executors, "versions": versions(),
+    }
+    sinks.write_json(out, f"{sinks.MODEL_INFO}/model_info.json", model_info)
+    write_bytes(out, out.join(sinks.CONFIG_YAML), yaml.safe_dump(config.to_public_dict(), sort_keys=True).encode())
+    files = {}
+    for directory in (sinks.FEATURES, sinks.PCA, sinks.METADATA, sinks.ERRORS):
+        parts = [n for n in list_names(out, out.join(directory)) if n.endswith(".parquet")]
+        rows = sum(sinks.parquet_rows(out, directory, n) for n in parts)
+        files[directory] = {"format": "parquet", "parts": len(parts), "rows": rows}
+    manifest = {
+        "fruitpipe": __version__, "fingerprint": fingerprint, "created_unix": time.time(),
+        "source": config.source, "split": config.split, "model": spec.name, "pca_k": model.k,
+        **counts, "shards": result.shards_total, "shards_resumed": result.shards_resumed, "outputs": files,
+        "documents": [sinks.VARIANCE_CSV, f"{sinks.MODEL_INFO}/model_info.json", sinks.CONFIG_YAML,
+                      f"{sinks.MODEL}/{sinks.PCA_MODEL_NPZ}", f"{sinks.MODEL}/{sinks.PCA_MODEL_JSON}",
+                      f"{sinks.MODEL}/{sinks.ONNX_FILE}", f"{sinks.CSV}/pca.csv", f"{sinks.CSV}/metadata.csv",
+                      f"{sinks.CSV}/errors.csv"] + ([f"{sinks.CSV}/features.csv"] if config.features_csv else []),
+        "python": sys.version.split()[0],
+    }
+    sinks.write_json(out, sinks.MANIFEST, manifest)
+
+
+def load_pca_model(run_dir: str) -> PcaModel:
+    """The PCA a run fitted, to project new features without refitting."""
+    out = locate(run_dir)
+    return PcaModel.from_npz_bytes(read_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ)))
