@@ -1,0 +1,48 @@
+"""Shared fixtures: a generated demo dataset, one Spark session for the whole test run, one finished run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """6 classes x 12 training images (+ test images), Fruits-360 layout."""
+    from fruitpipe.demo_data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(str(root), classes=6, per_class=12, seed=0, workers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session shared by every test: fruitpipe reuses an active session and never stops it."""
+    from fruitpipe.spark import spark_session
+
+    with spark_session("local[2]", {}) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """Exported ONNX models are cached here once per test run."""
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(demo_root, spark, cache_dir, tmp_path_factory):
+    """A complete efficientnet_lite0 run over the demo Training split."""
+    from fruitpipe.config import build_config
+    from fruitpipe.pipeline import run
+
+    output = tmp_path_factory.mktemp("runs") / "demo-run"
+    config = build_config({}, {"source": str(demo_root), "output": str(output), "pca_k": 10, "shard_size": 20,
+                               "cache_dir": cache_dir, "quiet": True, "features_csv": True})
+    return run(config)

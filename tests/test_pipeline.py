@@ -1,0 +1,104 @@
+"""The spine end to end on the demo data: outputs, their agreement, PCA correctness, transform, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.decomposition import PCA
+
+from fruitpipe.config import build_config
+from fruitpipe.pipeline import load_pca_model, run, transform
+
+pytestmark = pytest.mark.spark
+
+PARQUET_OUTPUTS = ("features", "pca", "metadata", "errors")
+
+
+def _vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return np.stack(frame[column].to_numpy()).astype(np.float32)
+
+
+def test_row_counts_agree_across_outputs_and_manifest(finished_run):
+    out = Path(finished_run.output)
+    manifest = json.loads((out / "manifest.json").read_text())
+    features, pca, metadata = finished_run.features(), finished_run.pca(), finished_run.metadata()
+    assert len(features) == len(pca) == manifest["outputs"]["features"]["rows"] == manifest["images_ok"]
+    assert len(metadata) == manifest["images_listed"] == manifest["images_ok"] + manifest["images_failed"]
+    assert set(features["image_id"]) == set(pca["image_id"])
+    assert _vectors(features, "features").shape[1] == 1280
+    assert _vectors(pca, "pca").shape[1] == 10
+    assert manifest["outputs"]["errors"]["rows"] == manifest["images_failed"] == 0
+
+
+def test_every_parquet_output_reads_in_pandas_and_duckdb(finished_run):
+    out = Path(finished_run.output)
+    for name in PARQUET_OUTPUTS:
+        frame = pd.read_parquet(out / name)
+        count = duckdb.sql(f"select count(*) from read_parquet('{out / name}/*.parquet')").fetchone()[0]
+        assert count == len(frame)
+    dims = duckdb.sql(f"select distinct len(features) from read_parquet('{out}/features/*.parquet')").fetchall()
+    assert dims == [(1280,)]
+    assert (out / "errors").is_dir()
+
+
+def test_documents_describe_the_run(finished_run):
+    out = Path(finished_run.output)
+    info = json.loads((out / "model_info" / "model_info.json").read_text())
+    assert info["model"] == "efficientnet_lite0" and info["image_size"] == 224 and info["pca_k"] == 10
+    assert len(info["weights_sha256"]) == 64
+    assert info["counts"]["images_ok"] == finished_run.images_ok
+    assert {"extract", "pca_fit", "pca_transform", "total"} <= set(info["seconds"])
+    variance = pd.read_csv(out / "variance.csv")
+    assert list(variance.columns) == ["component", "ratio", "cumulative"]
+    assert variance["cumulative"].iloc[-1] == pytest.approx(finished_run.variance_kept)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["pca_k"] == 10 and config["model"] == "efficientnet_lite0"
+    pca_csv = pd.read_csv(out / "csv" / "pca.csv")
+    assert [c for c in pca_csv.columns if c.startswith("pc")] == [f"pc{i}" for i in range(1, 11)]
+    assert len(pd.read_csv(out / "csv" / "features.csv").columns) == 5 + 1280
+    assert len(pd.read_csv(out / "csv" / "metadata.csv")) == finished_run.images_listed
+
+
+def test_pca_equals_scikit_learn_on_the_run_features(finished_run):
+    features = finished_run.features().sort_values("image_id")
+    pca = finished_run.pca().set_index("image_id").loc[features["image_id"]]
+    matrix = _vectors(features, "features").astype(np.float64)
+    reference = PCA(n_components=10, svd_solver="full").fit(matrix)
+    model = load_pca_model(finished_run.output)
+    np.testing.assert_allclose(model.explained_variance_ratio, reference.explained_variance_ratio_, atol=1e-6)
+    ours, expected = _vectors(pca, "pca"), reference.transform(matrix)
+    signs = np.sign(np.sum(ours * expected, axis=0))
+    np.testing.assert_allclose(ours * signs, expected, atol=1e-4)
+
+
+def test_transform_reproduces_the_run_pca_rows(finished_run, demo_root, tmp_path):
+    config = build_config({}, {"source": str(demo_root), "output": str(tmp_path / "projected"), "quiet": True})
+    result = transform(finished_run.output, config)
+    assert result.images_ok == finished_run.images_ok
+    ours = result.pca().set_index("image_id").sort_index()
+    theirs = finished_run.pca().set_index("image_id").sort_index()
+    np.testing.assert_allclose(_vectors(ours, "pca"), _vectors(theirs, "pca"), atol=1e-4)
+
+
+def test_rerun_resumes_every_done_shard_and_changes_nothing(finished_run, demo_root, cache_dir):
+    before = finished_run.pca().set_index("image_id").sort_index()
+    config = build_config({}, {"source": str(demo_root), "output": finished_run.output, "pca_k": 10,
+                               "shard_size": 20, "cache_dir": cache_dir, "quiet": True, "features_csv": True})
+    again = run(config)
+    assert again.shards_resumed == again.shards_total == finished_run.shards_total
+    after = again.pca().set_index("image_id").sort_index()
+    np.testing.assert_allclose(_vectors(after, "pca"), _vectors(before, "pca"), atol=1e-6)
+
+
+def test_mini_mode_spreads_images_evenly_over_classes(demo_root, spark, cache_dir, tmp_path):
+    config = build_config({}, {"source": str(demo_root), "output": str(tmp_path / "mini"), "mode": "mini",
+                               "limit": 30, "pca_k": 5, "cache_dir": cache_dir, "quiet": True})
+    result = run(config)
+    counts = result.metadata()["label"].value_counts()
+    assert result.images_listed == 30 and len(counts) == 6 and set(counts) == {5}
