@@ -1,0 +1,70 @@
+"""torch -> ONNX export, cached by model, weights hash and input size, so executors only need ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from fruitpipe.models import ModelSpec, build_model
+from fruitpipe.models.weights import resolve_weights, sha256_file
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("features", "logits")
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ONNX file and what it was built from; weights_sha256 is "random" for seeded random weights."""
+
+    path: str
+    model: str
+    weights_sha256: str
+    input_size: int
+    onnx_sha256: str
+
+
+def export_onnx(spec: ModelSpec, weights: str | None, cache_dir: str, input_size: int | None = None) -> ExportedModel:
+    """The model as ONNX (input "images" [N,3,S,S] float32; outputs "features", "logits"), exported once per cache.
+
+    weights is as for resolve_weights. The file is checked by onnx.checker before it is cached.
+    """
+    size = spec.preprocessing(input_size).size
+    weights_path, weights_sha256 = resolve_weights(spec, weights, cache_dir)
+    target = Path(cache_dir) / "onnx" / f"{spec.name}-{weights_sha256[:12]}-{size}.onnx"
+    if not target.is_file():
+        _export(spec, weights_path, size, target)
+    return ExportedModel(str(target), spec.name, weights_sha256, size, sha256_file(target))
+
+
+def _export(spec: ModelSpec, weights_path: str, size: int, target: Path) -> None:
+    """Export to a temporary file and rename it, so a concurrent or interrupted export never leaves a partial file."""
+    import onnx
+    import torch
+
+    model = build_model(spec, weights_path, size)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # TF padding's constant Pad amounts are left for ONNX Runtime to fold when it loads the model.
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
+            torch.onnx.export(
+                model,
+                (torch.zeros(1, 3, size, size),),
+                temp,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                opset_version=OPSET,
+            )
+        onnx.checker.check_model(temp, full_check=True)
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
