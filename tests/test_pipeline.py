@@ -40,7 +40,7 @@ def test_every_parquet_output_reads_in_pandas_and_duckdb(finished_run):
     out = Path(finished_run.output)
     for name in PARQUET_OUTPUTS:
         frame = pd.read_parquet(out / name)
-        count = duckdb.sql(f"select count(*) from read_parquet('{out / name}/*.parquet')").fetchone()[0]
+        count = duckdb.sql(f"select count(*) from read_parquet('{out / name}/*.parquet')").fetchall()[0][0]
         assert count == len(frame)
     dims = duckdb.sql(f"select distinct len(features) from read_parquet('{out}/features/*.parquet')").fetchall()
     assert dims == [(1280,)]
