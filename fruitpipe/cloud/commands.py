@@ -1,0 +1,676 @@
+"""What each `fruitpipe emr` subcommand does, given a validated config and an :class:`Aws`.
+
+Results (ids, URIs, JSON, reports) go to stdout so they can be captured; progress goes to stderr.
+Nothing here prints credentials: identities are shown by account and ARN only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Collection, Iterator
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fruitpipe.errors import FruitpipeError
+
+from . import cost, specs
+from .bootstrap import build_wheel, executor_pins, project_root, render_bootstrap
+from .client import Aws, AwsError
+from .config import EmrConfig
+from .instances import INSTANCE_TYPES
+
+TERMINATED_STATES = ("TERMINATED", "TERMINATED_WITH_ERRORS")
+ACTIVE_STEP_STATES = ("PENDING", "RUNNING", "CANCEL_PENDING")
+FAILED_STEP_STATES = ("FAILED", "CANCELLED", "INTERRUPTED")
+# Service Quotas codes: running on-demand / requested spot vCPUs of the standard families (m, c, r, ...).
+ON_DEMAND_QUOTA = "L-1216C47A"
+SPOT_QUOTA = "L-34B43A08"
+_CLUSTER_ID = re.compile(r"^j-[0-9A-Z]{8,20}$")
+_STEP_ID = re.compile(r"^s-[0-9A-Z]{8,20}$")
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- check, roles, bucket
+
+
+def check(config: EmrConfig, aws: Aws) -> int:
+    """Reports what is ready and what is missing to run on EMR; exit status 1 when something is missing."""
+    missing: list[str] = []
+
+    def report(status: str, what: str, detail: str) -> None:
+        print(f"{status:<8}{what:<14}{detail}")
+        if status == "MISSING":
+            missing.append(what)
+
+    try:
+        identity = aws.read("sts", "get_caller_identity")
+    except FruitpipeError as exc:
+        report("MISSING", "credentials", str(exc))
+        print("nothing else can be checked without working credentials")
+        return 1
+    report("ok", "credentials", f"account {identity['Account']} as {identity['Arn']} "
+                                f"(found via {aws.credential_source()})")
+    eu = config.region.startswith("eu-")
+    report("ok", "region", config.region + ("" if eu else " (outside the EU, allowed by emr.allow_other_region)"))
+    _check_bucket(config, aws, report)
+    _check_roles(config, aws, report)
+    _check_quotas(config, aws, report)
+    if missing:
+        print(f"missing: {', '.join(missing)}")
+        return 1
+    print("ready: `fruitpipe emr up` can start a cluster")
+    return 0
+
+
+def _check_bucket(config: EmrConfig, aws: Aws, report: Callable[[str, str, str], None]) -> None:
+    if not config.bucket:
+        report("MISSING", "bucket", "not configured: set emr.bucket in the config file or pass --bucket")
+        return
+    bucket = config.bucket
+    if not bucket_exists(aws, bucket):
+        report("MISSING", "bucket", f"s3://{bucket} does not exist: `fruitpipe emr bucket create` makes it "
+                                    "private and encrypted")
+        return
+    region = bucket_region(aws, bucket)
+    if region != config.region and not config.allow_other_region:
+        report("MISSING", "bucket", f"s3://{bucket} is in {region}, not {config.region}")
+    else:
+        report("ok", "bucket", f"s3://{bucket} in {region}")
+    blocked = _public_access_blocked(aws, bucket)
+    report("ok" if blocked else "warn", "public access",
+           "blocked (all four settings)" if blocked else f"s3://{bucket} does not block all public access")
+    algorithm = _default_encryption(aws, bucket)
+    report("ok" if algorithm else "warn", "encryption",
+           f"default {algorithm}" if algorithm else f"s3://{bucket} has no default encryption")
+    script = config.uri(config.code_prefix, specs.BOOTSTRAP_NAME)
+    if object_exists(aws, script):
+        report("ok", "code", f"{script} uploaded")
+    else:
+        report("warn", "code", "not uploaded yet: run `fruitpipe emr upload`")
+
+
+def _public_access_blocked(aws: Aws, bucket: str) -> bool:
+    try:
+        block = aws.read("s3", "get_public_access_block", Bucket=bucket)["PublicAccessBlockConfiguration"]
+    except AwsError as exc:
+        if exc.code == "NoSuchPublicAccessBlockConfiguration":
+            return False
+        raise
+    return all(block.get(k) for k in ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
+                                      "RestrictPublicBuckets"))
+
+
+def _default_encryption(aws: Aws, bucket: str) -> str | None:
+    try:
+        rules = aws.read("s3", "get_bucket_encryption", Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    except AwsError as exc:
+        if exc.code == "ServerSideEncryptionConfigurationNotFoundError":
+            return None
+        raise
+    return rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] if rules else None
+
+
+def _check_roles(config: EmrConfig, aws: Aws, report: Callable[[str, str, str], None]) -> None:
+    for role in specs.default_roles(config):
+        if not _role_exists(aws, role.name):
+            report("MISSING", "iam role", f"{role.name} does not exist: `fruitpipe emr roles create` makes it")
+            continue
+        report("ok", "iam role", role.name)
+        if role.instance_profile:
+            roles_in_profile = _instance_profile_roles(aws, role.name)
+            if roles_in_profile is None or role.name not in roles_in_profile:
+                report("MISSING", "profile", f"instance profile {role.name} with role {role.name}: "
+                                             "`fruitpipe emr roles create` makes it")
+            else:
+                report("ok", "profile", f"instance profile {role.name}")
+
+
+def _role_exists(aws: Aws, name: str) -> bool:
+    try:
+        aws.read("iam", "get_role", RoleName=name)
+    except AwsError as exc:
+        if exc.code == "NoSuchEntity":
+            return False
+        raise
+    return True
+
+
+def _instance_profile_roles(aws: Aws, name: str) -> list[str] | None:
+    try:
+        profile = aws.read("iam", "get_instance_profile", InstanceProfileName=name)["InstanceProfile"]
+    except AwsError as exc:
+        if exc.code == "NoSuchEntity":
+            return None
+        raise
+    return [r["RoleName"] for r in profile.get("Roles", [])]
+
+
+def _check_quotas(config: EmrConfig, aws: Aws, report: Callable[[str, str, str], None]) -> None:
+    master = INSTANCE_TYPES[config.master_instance_type].vcpus * config.master_instance_count
+    core = INSTANCE_TYPES[config.core_instance_type].vcpus * config.core_instance_count
+    needs = [(ON_DEMAND_QUOTA, "on-demand vCPUs", master + (0 if config.spot else core))]
+    if config.spot:
+        needs.append((SPOT_QUOTA, "spot vCPUs", core))
+    for code, label, needed in needs:
+        try:
+            quota = aws.read("service-quotas", "get_service_quota", ServiceCode="ec2", QuotaCode=code)["Quota"]
+        except AwsError as exc:
+            report("warn", "quota", f"{label}: not readable ({exc.code}); the cluster needs {needed}")
+            continue
+        limit = quota.get("Value", 0)
+        status = "ok" if limit >= needed else "MISSING"
+        report(status, "quota", f"{label}: {needed} needed, {limit:g} allowed in {config.region}")
+
+
+def create_roles(config: EmrConfig, aws: Aws) -> int:
+    """Creates the configured EMR service role and instance profile, as `aws emr create-default-roles` does."""
+    tags = [{"Key": k, "Value": v} for k, v in config.all_tags().items()]
+    for role in specs.default_roles(config):
+        if _role_exists(aws, role.name):
+            info(f"role {role.name} exists")
+        else:
+            aws.change("iam", "create_role", RoleName=role.name, AssumeRolePolicyDocument=specs.trust_policy(role.service),
+                       Description=f"EMR role for fruitpipe ({role.service})", Tags=tags)
+            aws.change("iam", "attach_role_policy", RoleName=role.name, PolicyArn=role.managed_policy_arn)
+            info(f"created role {role.name} with {role.managed_policy_arn}")
+        if not role.instance_profile:
+            continue
+        roles_in_profile = _instance_profile_roles(aws, role.name)
+        if roles_in_profile is None:
+            aws.change("iam", "create_instance_profile", InstanceProfileName=role.name, Tags=tags)
+            roles_in_profile = []
+            info(f"created instance profile {role.name}")
+        if role.name not in roles_in_profile:
+            aws.change("iam", "add_role_to_instance_profile", InstanceProfileName=role.name, RoleName=role.name)
+    return 0
+
+
+def create_bucket(config: EmrConfig, aws: Aws) -> int:
+    """Creates the configured bucket private and encrypted; an existing bucket is left as it is."""
+    ensure_bucket(config, aws)
+    return 0
+
+
+def ensure_bucket(config: EmrConfig, aws: Aws) -> None:
+    bucket = config.require_bucket()
+    if bucket_exists(aws, bucket):
+        require_region(config, aws, bucket, "the configured")
+        info(f"s3://{bucket} exists; its settings are left as they are (see `fruitpipe emr check`)")
+        return
+    for operation, params in specs.bucket_requests(config):
+        aws.change("s3", operation, **params)
+    if not aws.dry_run:
+        algorithm = "aws:kms" if config.kms_key_id else "AES256"
+        info(f"created s3://{bucket} in {config.region}: public access blocked, default encryption {algorithm}")
+
+
+def bucket_exists(aws: Aws, bucket: str) -> bool:
+    try:
+        aws.read("s3", "head_bucket", Bucket=bucket)
+    except AwsError as exc:
+        if exc.code in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        if exc.code in ("403", "AccessDenied"):
+            raise FruitpipeError(f"s3://{bucket} exists but this account may not use it; bucket names are "
+                                 "global, so choose another emr.bucket") from None
+        raise
+    return True
+
+
+def bucket_region(aws: Aws, bucket: str) -> str:
+    """The bucket's region (S3 reports us-east-1 as no constraint and old eu-west-1 buckets as EU)."""
+    location = aws.read("s3", "get_bucket_location", Bucket=bucket).get("LocationConstraint")
+    return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
+
+
+def require_region(config: EmrConfig, aws: Aws, bucket: str, what: str) -> None:
+    """Refuses a bucket outside the configured region unless emr.allow_other_region is set."""
+    try:
+        region = bucket_region(aws, bucket)
+    except AwsError as exc:
+        if exc.code == "NoSuchBucket":
+            raise FruitpipeError(f"{what} bucket s3://{bucket} does not exist") from None
+        raise
+    if region != config.region and not config.allow_other_region:
+        raise FruitpipeError(f"{what} bucket s3://{bucket} is in {region}, not {config.region}: refusing to move "
+                             "data across regions (set emr.allow_other_region: true to allow it)")
+
+
+def object_exists(aws: Aws, uri: str) -> bool:
+    bucket, key = split_s3(uri)
+    try:
+        aws.read("s3", "head_object", Bucket=bucket, Key=key)
+    except AwsError as exc:
+        if exc.code in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """('bucket', 'key/prefix') of an s3:// URI (EMR's s3n:// and s3a:// spellings accepted)."""
+    match = re.match(r"^s3[an]?://([^/]+)/?(.*)$", uri)
+    if not match:
+        raise FruitpipeError(f"{uri} is not an s3:// URI")
+    return match.group(1), match.group(2)
+
+
+# ---------------------------------------------------------------- upload, up, submit
+
+
+def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | None) -> int:
+    """Puts the fruitpipe wheel, the bootstrap script and the run config under the code prefix."""
+    bucket = config.require_bucket()
+    ensure_bucket(config, aws)
+    root = project_root()
+    with tempfile.TemporaryDirectory(prefix="fruitpipe-upload-") as tmp:
+        if wheel is None:
+            info("building the fruitpipe wheel")
+            wheel = build_wheel(root, Path(tmp))
+        elif not wheel.is_file():
+            raise FruitpipeError(f"wheel {wheel} does not exist")
+        wheel_uri = config.uri(config.code_prefix, wheel.name)
+        script = render_bootstrap(executor_pins(root), wheel_uri)
+        files = [(wheel_uri, wheel.read_bytes(), "application/zip"),
+                 (config.uri(config.code_prefix, specs.BOOTSTRAP_NAME), script.encode(), "text/x-shellscript")]
+    if run_config:
+        files.append((config.uri(config.code_prefix, specs.RUN_CONFIG_NAME), Path(run_config).read_bytes(),
+                      "application/yaml"))
+    for uri, body, content_type in files:
+        aws.change("s3", "put_object", Bucket=bucket, Key=split_s3(uri)[1], Body=body, ContentType=content_type)
+        if not aws.dry_run:
+            print(uri)
+    return 0
+
+
+def up(config: EmrConfig, aws: Aws, wait: bool, interval: float, timeout: float | None) -> int:
+    """Starts the cluster; prints its id."""
+    bucket = config.require_bucket()
+    script = config.uri(config.code_prefix, specs.BOOTSTRAP_NAME)
+    if not bucket_exists(aws, bucket) or not object_exists(aws, script):
+        if not aws.dry_run:
+            raise FruitpipeError(f"{script} is missing: run `fruitpipe emr upload` first")
+        info(f"note: {script} is missing; run `fruitpipe emr upload` before a real `up`")
+    else:
+        require_region(config, aws, bucket, "the configured")
+    response = aws.change("emr", "run_job_flow", **specs.cluster_request(config))
+    if aws.dry_run:
+        return 0
+    cluster_id = response["JobFlowId"]
+    print(cluster_id)
+    info(f"cluster {cluster_id} is starting in {config.region}; it terminates itself after "
+         f"{config.idle_timeout_s} s idle. Follow it with `fruitpipe emr status`.")
+    if not wait:
+        return 0
+    state = wait_for(lambda: _cluster_state(aws, cluster_id), done=("WAITING", "RUNNING"),
+                     failed=TERMINATED_STATES, interval=interval, timeout=timeout, label=cluster_id)
+    return 0 if state in ("WAITING", "RUNNING") else 1
+
+
+def submit(config: EmrConfig, aws: Aws, *, cluster: str | None, mode: str, source: str | None, output: str | None,
+           run_name: str | None, run_args: list[str], run_config: str | None, wait: bool, interval: float,
+           timeout: float | None) -> int:
+    """Adds a `fruitpipe run` step to the cluster; prints the step id."""
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=True)
+    run_name = run_name or f"{mode}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    source = source or config.uri(config.input_prefix) + "/"
+    output = output or config.uri(config.output_prefix, run_name) + "/"
+    for what, uri in (("input", source), ("output", output)):
+        if not uri.startswith("s3://"):
+            raise FruitpipeError(f"the {what} {uri} must be an s3:// URI: the cluster cannot read this machine")
+        require_region(config, aws, split_s3(uri)[0], f"the {what}")
+    steps = []
+    node_config = None
+    if run_config:
+        config_uri = config.uri(config.code_prefix, specs.RUN_CONFIG_NAME)
+        _sync_object(aws, config_uri, Path(run_config).read_bytes())
+        steps.append(specs.fetch_config_step(config_uri))
+        node_config = specs.NODE_RUN_CONFIG
+    steps.append(specs.run_step(source, output, mode, run_args, node_config))
+    response = aws.change("emr", "add_job_flow_steps", JobFlowId=cluster_id, Steps=steps)
+    if aws.dry_run:
+        return 0
+    step_id = response["StepIds"][-1]
+    print(step_id)
+    info(f"step {step_id} runs on {cluster_id}; results go to {output} "
+         f"(then `fruitpipe emr download {output}`)")
+    if not wait:
+        return 0
+    state = wait_for(lambda: _step_state(aws, cluster_id, step_id), done=("COMPLETED",),
+                     failed=FAILED_STEP_STATES, interval=interval, timeout=timeout, label=step_id)
+    if state in FAILED_STEP_STATES:
+        info(f"see its logs with `fruitpipe emr logs --cluster {cluster_id} --step {step_id}`")
+    return 0 if state == "COMPLETED" else 1
+
+
+def _sync_object(aws: Aws, uri: str, body: bytes) -> None:
+    """Uploads ``body`` to ``uri`` unless the object there already has exactly these bytes."""
+    bucket, key = split_s3(uri)
+    try:
+        current = aws.read("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
+    except AwsError as exc:
+        if exc.code not in ("NoSuchKey", "404"):
+            raise
+        current = None
+    if current != body:
+        aws.change("s3", "put_object", Bucket=bucket, Key=key, Body=body, ContentType="application/yaml")
+        if not aws.dry_run:
+            info(f"uploaded the run config to {uri}")
+
+
+# ---------------------------------------------------------------- waiting and status
+
+
+def wait_for(poll: Callable[[], tuple[str, str]], *, done: Collection[str], failed: Collection[str],
+             interval: float, timeout: float | None, label: str,
+             sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> str:
+    """Polls ``poll`` (state, detail) until a done or failed state, printing each change; returns the last state.
+
+    A timeout is not an error of the resource: the last state is returned and the caller reports it.
+    """
+    start = clock()
+    last = None
+    while True:
+        state, detail = poll()
+        if state != last:
+            info(f"{label}: {state}" + (f" ({detail})" if detail else "") + f" after {duration(clock() - start)}")
+            last = state
+        if state in done or state in failed:
+            return state
+        if timeout is not None and clock() - start >= timeout:
+            info(f"{label}: still {state} after {duration(timeout)}; stopped waiting (it carries on)")
+            return state
+        sleep(interval)
+
+
+def _cluster_state(aws: Aws, cluster_id: str) -> tuple[str, str]:
+    status = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]["Status"]
+    return status["State"], status.get("StateChangeReason", {}).get("Message", "")
+
+
+def _step_state(aws: Aws, cluster_id: str, step_id: str) -> tuple[str, str]:
+    status = aws.read("emr", "describe_step", ClusterId=cluster_id, StepId=step_id)["Step"]["Status"]
+    failure = status.get("FailureDetails") or {}
+    detail = "; ".join(str(failure[k]) for k in ("Reason", "Message", "LogFile") if failure.get(k))
+    return status["State"], detail
+
+
+def resolve_cluster(aws: Aws, config: EmrConfig, explicit: str | None, active_only: bool) -> str:
+    """The cluster a command acts on: ``explicit``, else the one active cluster named emr.cluster_name.
+
+    Without ``active_only`` the newest cluster of that name is used when none is active.
+    """
+    if explicit:
+        if not _CLUSTER_ID.match(explicit):
+            raise FruitpipeError(f"{explicit} is not an EMR cluster id such as j-2AXXXXXXGAPLF")
+        return explicit
+    states = {"ClusterStates": list(specs.ACTIVE_CLUSTER_STATES)} if active_only else {}
+    clusters = [c for page in aws.pages("emr", "list_clusters", **states) for c in page["Clusters"]
+                if c["Name"] == config.cluster_name]
+    active = [c for c in clusters if c["Status"]["State"] in specs.ACTIVE_CLUSTER_STATES]
+    if len(active) > 1:
+        raise FruitpipeError(f"{len(active)} active clusters are named {config.cluster_name}: "
+                             f"{', '.join(c['Id'] for c in active)}; pass --cluster")
+    if active:
+        return active[0]["Id"]
+    if clusters and not active_only:
+        return max(clusters, key=lambda c: c["Status"]["Timeline"]["CreationDateTime"])["Id"]
+    raise FruitpipeError(f"no {'active ' if active_only else ''}cluster named {config.cluster_name} in "
+                         f"{config.region}: start one with `fruitpipe emr up` or pass --cluster")
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _elapsed(timeline: dict[str, Any], start_key: str) -> str:
+    start = timeline.get(start_key)
+    if start is None:
+        return "-"
+    end = timeline.get("EndDateTime") or datetime.now(timezone.utc)
+    return duration((end - start).total_seconds())
+
+
+def status(config: EmrConfig, aws: Aws, cluster: str | None) -> int:
+    """Cluster state, node groups and steps with their elapsed times."""
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    print("\n".join(_status_lines(aws, cluster_id)))
+    return 0
+
+
+def _status_lines(aws: Aws, cluster_id: str) -> list[str]:
+    c = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]
+    state = c["Status"]["State"]
+    reason = c["Status"].get("StateChangeReason", {}).get("Message")
+    lines = [f"cluster {cluster_id} ({c['Name']}): {state} for {_elapsed(c['Status']['Timeline'], 'CreationDateTime')}"
+             + (f" - {reason}" if reason else "")]
+    for group in aws.read("emr", "list_instance_groups", ClusterId=cluster_id)["InstanceGroups"]:
+        lines.append(f"  {group['InstanceGroupType'].lower():<7}{group['RequestedInstanceCount']} x "
+                     f"{group['InstanceType']} {group.get('Market', 'ON_DEMAND').lower()}, {group['Status']['State']}")
+    steps = aws.read("emr", "list_steps", ClusterId=cluster_id)["Steps"]
+    if not steps:
+        lines.append("  no steps yet: `fruitpipe emr submit` adds one")
+    for step in steps:
+        timeline = step["Status"]["Timeline"]
+        started = "StartDateTime" if timeline.get("StartDateTime") else "CreationDateTime"
+        lines.append(f"  step {step['Id']} {step['Name']}: {step['Status']['State']} for {_elapsed(timeline, started)}")
+    return lines
+
+
+def watch(config: EmrConfig, aws: Aws, cluster: str | None, interval: float, timeout: float | None,
+          sleep: Callable[[float], None] = time.sleep) -> int:
+    """Prints cluster and step state changes until nothing more will happen without you, or ``timeout``."""
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    seen: dict[str, str] = {}
+    start = time.monotonic()
+    while True:
+        cluster_state = _cluster_state(aws, cluster_id)[0]
+        steps = aws.read("emr", "list_steps", ClusterId=cluster_id)["Steps"]
+        current = {cluster_id: cluster_state, **{s["Id"]: s["Status"]["State"] for s in reversed(steps)}}
+        names = {s["Id"]: s["Name"] for s in steps}
+        for key, state in current.items():
+            if seen.get(key) != state:
+                label = f"step {key} ({names[key]})" if key in names else f"cluster {key}"
+                print(f"{datetime.now(timezone.utc):%H:%M:%S} {label}: {state}", flush=True)
+        seen = current
+        steps_active = any(s["Status"]["State"] in ACTIVE_STEP_STATES for s in steps)
+        if cluster_state in TERMINATED_STATES or (cluster_state == "WAITING" and not steps_active):
+            return 0
+        if timeout is not None and time.monotonic() - start >= timeout:
+            info(f"stopped watching after {duration(timeout)}; the cluster carries on")
+            return 0
+        sleep(interval)
+
+
+# ---------------------------------------------------------------- logs, download, down
+
+
+def logs(config: EmrConfig, aws: Aws, cluster: str | None, step: str | None, out_dir: Path | None,
+         tail: int) -> int:
+    """Downloads a step's logs (gz-decompressed) and prints the end of its stderr."""
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    if step is None:
+        steps = aws.read("emr", "list_steps", ClusterId=cluster_id)["Steps"]
+        if not steps:
+            raise FruitpipeError(f"cluster {cluster_id} has no steps, so no step logs")
+        step = steps[0]["Id"]
+    elif not _STEP_ID.match(step):
+        raise FruitpipeError(f"{step} is not an EMR step id such as s-1XXXXXXXXXXXX")
+    log_uri = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"].get("LogUri")
+    if not log_uri:
+        raise FruitpipeError(f"cluster {cluster_id} was started without a log URI")
+    bucket, prefix = split_s3(log_uri)
+    prefix = f"{prefix.rstrip('/')}/{cluster_id}/steps/{step}/".lstrip("/")
+    dest = out_dir or Path("emr-logs") / cluster_id / step
+    written = []
+    for key in _keys(aws, bucket, prefix):
+        name = _relative(key, prefix)
+        data = aws.read("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
+        if name.endswith(".gz"):
+            data, name = gzip.decompress(data), name[:-3]
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        written.append(path)
+    if not written:
+        raise FruitpipeError(f"no logs yet under s3://{bucket}/{prefix}: EMR uploads step logs every few "
+                             "minutes, try again shortly")
+    for path in written:
+        print(path)
+    stderr = dest / "stderr"
+    if stderr.is_file() and tail > 0:
+        last = stderr.read_text(errors="replace").splitlines()[-tail:]
+        print(f"--- last {len(last)} lines of {stderr} ---")
+        print("\n".join(last))
+    return 0
+
+
+def _keys(aws: Aws, bucket: str, prefix: str) -> Iterator[str]:
+    for page in aws.pages("s3", "list_objects_v2", Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                yield item["Key"]
+
+
+def _relative(key: str, prefix: str) -> str:
+    """``key`` below ``prefix`` as a safe relative path: S3 keys must not write outside the destination."""
+    name = key[len(prefix):]
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or ".." in parts:
+        raise FruitpipeError(f"refusing to download s3 key {key!r}: it would land outside the destination")
+    return name
+
+
+def download(config: EmrConfig, aws: Aws, run: str, dest: Path | None, overwrite: bool) -> int:
+    """Copies a run's outputs (an s3:// URI, or a run name under the output prefix) to a local folder."""
+    uri = run if run.startswith("s3://") else config.uri(config.output_prefix, run.strip("/"))
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    dest = dest or Path("output") / (PurePosixPath(prefix).name or bucket)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FruitpipeError(f"{dest} is not empty; pass --overwrite or choose another --out")
+    count = 0
+    for key in _keys(aws, bucket, prefix):
+        path = dest / _relative(key, prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = aws.read("s3", "get_object", Bucket=bucket, Key=key)["Body"]
+        with path.open("wb") as handle:
+            for chunk in body.iter_chunks(1 << 20):
+                handle.write(chunk)
+        count += 1
+    if count == 0:
+        raise FruitpipeError(f"nothing under s3://{bucket}/{prefix}: check the run name or URI")
+    print(dest)
+    info(f"downloaded {count} file(s) from s3://{bucket}/{prefix}")
+    return 0
+
+
+def down(config: EmrConfig, aws: Aws, cluster: str | None, yes: bool, wait: bool, interval: float,
+         timeout: float | None) -> int:
+    """Terminates the cluster after confirmation; never without one, and never silently."""
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=True)
+    c = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]
+    state = c["Status"]["State"]
+    if state in TERMINATED_STATES:
+        info(f"cluster {cluster_id} is already {state}")
+        return 0
+    if not yes and not aws.dry_run:
+        if not sys.stdin.isatty():
+            raise FruitpipeError(f"not terminating {cluster_id} without confirmation and there is no terminal "
+                                 "to ask on: pass --yes")
+        answer = input(f"Terminate cluster {cluster_id} ({c['Name']}, {state})? Its HDFS data is lost. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            info(f"cluster {cluster_id} left {state}")
+            return 1
+    aws.change("emr", "terminate_job_flows", JobFlowIds=[cluster_id])
+    if aws.dry_run:
+        return 0
+    info(f"cluster {cluster_id} is terminating")
+    if wait:
+        wait_for(lambda: _cluster_state(aws, cluster_id), done=TERMINATED_STATES, failed=(),
+                 interval=interval, timeout=timeout, label=cluster_id)
+    return 0
+
+
+# ---------------------------------------------------------------- cost, audit
+
+
+def cost_actual(config: EmrConfig, aws: Aws, cluster: str | None, images: int | None) -> int:
+    """Cost of a real cluster from its timeline (creation to termination, or now) and its node groups."""
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    timeline = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]["Status"]["Timeline"]
+    end = timeline.get("EndDateTime")
+    seconds = ((end or datetime.now(timezone.utc)) - timeline["CreationDateTime"]).total_seconds()
+    hours = max(seconds, 60) / 3600  # EMR and EC2 bill per second with a one-minute minimum
+    groups = [cost.NodeGroup(g["InstanceType"], g["RequestedInstanceCount"])
+              for g in aws.read("emr", "list_instance_groups", ClusterId=cluster_id)["InstanceGroups"]]
+    print(cost.format_actual(cluster_id, groups, hours, images, config.region, finished=end is not None))
+    return 0
+
+
+def audit(config: EmrConfig, aws: Aws, max_objects: int) -> int:
+    """Lists what may still be billing in the region. Reads only: nothing is ever deleted or stopped."""
+    print(f"billable resources in {config.region} (read only; nothing is changed):")
+    found = 0
+    clusters = [c for page in aws.pages("emr", "list_clusters", ClusterStates=list(specs.ACTIVE_CLUSTER_STATES))
+                for c in page["Clusters"]]
+    print(f"EMR clusters not terminated: {len(clusters)}")
+    for c in clusters:
+        print(f"  {c['Id']} {c['Name']}: {c['Status']['State']} for "
+              f"{_elapsed(c['Status']['Timeline'], 'CreationDateTime')}")
+    found += len(clusters)
+    live = {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}
+    instances = [i for page in aws.pages("ec2", "describe_instances", Filters=[live])
+                 for r in page["Reservations"] for i in r["Instances"]]
+    print(f"EC2 instances: {len(instances)}")
+    for i in instances:
+        tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+        note = " (stopped: its volumes still bill)" if i["State"]["Name"] == "stopped" else ""
+        label = tags.get("Name") or tags.get("aws:elasticmapreduce:job-flow-id") or ""
+        print(f"  {i['InstanceId']} {i['InstanceType']} {i['State']['Name']} {label}{note}".rstrip())
+    found += len(instances)
+    volumes = [v for page in aws.pages("ec2", "describe_volumes") for v in page["Volumes"]]
+    print(f"EBS volumes: {len(volumes)}, {sum(v['Size'] for v in volumes)} GiB")
+    for v in volumes:
+        note = " (not attached)" if v["State"] == "available" else ""
+        print(f"  {v['VolumeId']} {v['Size']} GiB {v['VolumeType']} {v['State']}{note}")
+    found += len(volumes)
+    addresses = aws.read("ec2", "describe_addresses")["Addresses"]
+    print(f"Elastic IPs: {len(addresses)}")
+    for a in addresses:
+        print(f"  {a['PublicIp']}" + ("" if a.get("AssociationId") else " (not associated)"))
+    found += len(addresses)
+    buckets = aws.read("s3", "list_buckets").get("Buckets", [])
+    print(f"S3 buckets (all regions; S3 bills storage wherever it is): {len(buckets)}")
+    for b in buckets:
+        print(f"  {_bucket_summary(aws, b['Name'], max_objects)}")
+    found += len(buckets)
+    print(f"{found} resource(s) listed")
+    return 0
+
+
+def _bucket_summary(aws: Aws, bucket: str, max_objects: int) -> str:
+    try:
+        region = bucket_region(aws, bucket)
+        count = size = 0
+        capped = False
+        for page in aws.pages("s3", "list_objects_v2", Bucket=bucket):
+            for item in page.get("Contents", []):
+                count += 1
+                size += item["Size"]
+            if count >= max_objects:
+                capped = True
+                break
+    except AwsError as exc:
+        return f"{bucket}: not readable ({exc.code})"
+    amount = f"{'at least ' if capped else ''}{count} object(s), {size / 2**30:.3f} GiB"
+    return f"{bucket} ({region}): {amount}"
