@@ -72,9 +72,10 @@ def sent(monkeypatch) -> list[Sent]:
         requests.append(Sent(model.name, copy.deepcopy(params)))
 
     def on_send(request, **_):
-        scope = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", request.headers.get("Authorization", b"").decode()
-                          if isinstance(request.headers.get("Authorization"), bytes)
-                          else request.headers.get("Authorization", ""))
+        authorization = request.headers.get("Authorization", b"")
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode()
+        scope = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", authorization)
         if requests and scope:
             requests[-1].signing_region = scope.group(1)
 
@@ -239,6 +240,7 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
     groups = {g["InstanceGroupType"]: g for g in emr_api.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]}
     assert groups["CORE"]["RequestedInstanceCount"] == 2 and groups["MASTER"]["Market"] == "ON_DEMAND"
 
+    assert emr("submit", "--run-name", "../escape").rc == 2
     result = emr("submit", "--mode", "mini", "--run-name", "first", "--", "--batch-size", "32")
     assert result.rc == 0, result.err
     step_id = result.out.strip()
@@ -383,7 +385,8 @@ def test_commands_without_a_cluster_say_how_to_get_one(setup):
     emr, _, name = setup
     for argv in (("status",), ("submit",), ("down", "--yes"), ("logs",)):
         result = emr(*argv)
-        assert result.rc == 2 and f"no active cluster named {name}" in result.err or "no cluster named" in result.err
+        assert result.rc == 2, argv
+        assert f"no active cluster named {name}" in result.err or f"no cluster named {name}" in result.err
 
 
 def test_audit_lists_what_bills_and_deletes_nothing(setup, moto):

@@ -32,6 +32,7 @@ ON_DEMAND_QUOTA = "L-1216C47A"
 SPOT_QUOTA = "L-34B43A08"
 _CLUSTER_ID = re.compile(r"^j-[0-9A-Z]{8,20}$")
 _STEP_ID = re.compile(r"^s-[0-9A-Z]{8,20}$")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def info(message: str) -> None:
@@ -306,8 +307,10 @@ def up(config: EmrConfig, aws: Aws, wait: bool, interval: float, timeout: float 
         return 0
     cluster_id = response["JobFlowId"]
     print(cluster_id)
-    info(f"cluster {cluster_id} is starting in {config.region}; it terminates itself after "
-         f"{config.idle_timeout_s} s idle. Follow it with `fruitpipe emr status`.")
+    rate = cost.hourly_rate(cost.node_groups(config))
+    info(f"cluster {cluster_id} is starting in {config.region} at about ${rate.total:.2f}/h on demand; it ends "
+         f"itself after {config.idle_timeout_s} s idle, `fruitpipe emr down` ends it now. "
+         "Follow it with `fruitpipe emr status`.")
     if not wait:
         return 0
     state = wait_for(lambda: _cluster_state(aws, cluster_id), done=("WAITING", "RUNNING"),
@@ -319,8 +322,10 @@ def submit(config: EmrConfig, aws: Aws, *, cluster: str | None, mode: str, sourc
            run_name: str | None, run_args: list[str], run_config: str | None, wait: bool, interval: float,
            timeout: float | None) -> int:
     """Adds a `fruitpipe run` step to the cluster; prints the step id."""
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=True)
     run_name = run_name or f"{mode}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if not _RUN_NAME.match(run_name):
+        raise FruitpipeError(f"run name {run_name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder)")
+    cluster_id = resolve_cluster(aws, config, cluster, active_only=True)
     source = source or config.uri(config.input_prefix) + "/"
     output = output or config.uri(config.output_prefix, run_name) + "/"
     for what, uri in (("input", source), ("output", output)):

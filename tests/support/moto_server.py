@@ -5,9 +5,10 @@
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         for name, value in moto.env().items():    # or hand these to a subprocess
             monkeypatch.setenv(name, value)
-        moto.reset()                              # forget every resource, keep the server
 
-One server serves every service (S3, EMR, IAM, STS, EC2, ...) at ``moto.url``.
+One server serves every service (S3, EMR, IAM, STS, EC2, ...) at ``moto.url``. Starting one and each
+service's first request take a second or more, so share a server (e.g. a module-scoped fixture) and keep
+tests apart with unique bucket and resource names.
 """
 
 from __future__ import annotations
@@ -95,12 +96,6 @@ class MotoServer:
             self._process.wait()
         self._process = None
         self._log.close()
-
-    def reset(self) -> None:
-        """Deletes every resource the server holds, in every region."""
-        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(request, timeout=10):
-            pass
 
     def env(self, region: str = "eu-west-1", access_key: str = DUMMY_ACCESS_KEY,
             secret_key: str = DUMMY_SECRET_KEY) -> dict[str, str]:
