@@ -11,8 +11,10 @@ import copy
 import gzip
 import io
 import json
+import os
 import re
 import subprocess
+import sys
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -422,6 +424,16 @@ def test_check_without_credentials_says_so(moto, monkeypatch, capsys, tmp_path):
 
 
 # ------------------------------------------------------------------ the CLI contract
+
+
+def test_the_fruitpipe_command_runs_emr_subcommands(aws_env, tmp_path):
+    config = write_config(tmp_path / "c.yaml", bucket=unique("fruitpipe-cli"))
+    result = subprocess.run([sys.executable, "-m", "fruitpipe.cli", "--config", str(config), "emr", "check"],
+                            cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"MISSING\s+bucket", result.stdout)
+    assert_no_secrets([result.stdout, result.stderr])
 
 
 def test_register_adds_emr_subcommands_with_handlers():

@@ -61,9 +61,11 @@ def check(config: EmrConfig, aws: Aws) -> int:
                                 f"(found via {aws.credential_source()})")
     eu = config.region.startswith("eu-")
     report("ok", "region", config.region + ("" if eu else " (outside the EU, allowed by emr.allow_other_region)"))
-    _check_bucket(config, aws, report)
-    _check_roles(config, aws, report)
-    _check_quotas(config, aws, report)
+    for what, section in (("bucket", _check_bucket), ("iam role", _check_roles), ("quota", _check_quotas)):
+        try:
+            section(config, aws, report)
+        except FruitpipeError as exc:
+            report("warn", what, f"could not check everything: {exc}")
     if missing:
         print(f"missing: {', '.join(missing)}")
         return 1
