@@ -113,11 +113,12 @@ class ExtractionProgress:
         shards = f"{counts.shards_done}/{len(self.shard_images)} shards"
         if final:
             state = "done" if finished else "stopped"
-            return (f"fruitpipe extract {state}: {head}, {rate:.1f} images/s, {elapsed:.0f} s, "
+            return (f"fruitpipe extract {state}: {head}, {rate:.1f} images/s, {_duration(elapsed)}, "
                     f"{self._errors_text()}, {shards}")
         remaining = self.total - counts.images_done
         eta = f"ETA {_duration(remaining / rate)}" if rate > 0 else "ETA ?"
-        return f"fruitpipe extract: {head}, {rate:.1f} images/s, {eta}, {self._errors_text()}, {shards}"
+        return (f"fruitpipe extract: {head}, {_duration(elapsed)} elapsed, {rate:.1f} images/s, {eta}, "
+                f"{self._errors_text()}, {shards}")
 
     def _errors_text(self) -> str:
         return _plural(self.counts.failed, "error")

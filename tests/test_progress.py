@@ -9,7 +9,6 @@ import select
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -63,7 +62,7 @@ def test_plain_lines_follow_the_stats_files_and_count_resumed_shards_as_done(tmp
     lines = stream.getvalue().splitlines()
     assert lines[0] == "fruitpipe extract: 55 images in 3 shards, 1 resumed (20 images)"
     periodic = [line for line in lines[1:-1] if line.startswith("fruitpipe extract: ")]
-    assert periodic and all(re.search(r"images/s, ETA (\d|\?)", line) for line in periodic)
+    assert periodic and all(re.search(r"\d+ s elapsed, [\d.]+ images/s, ETA (\d+ s|\?), ", line) for line in periodic)
     assert any(line.startswith("fruitpipe extract: 40/55 images (73%)") and "3 errors, 2/3 shards" in line
                for line in periodic)
     final = lines[-1]

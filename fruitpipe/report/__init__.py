@@ -1,0 +1,257 @@
+"""One self-contained HTML page about a finished run: what went in, what came out, how long, how good.
+
+Everything is read through fruitpipe.storage (so a run folder on S3 works like a local one) and the page is
+written back next to the run as `report/index.html`, figures inlined as PNG data URIs: one file to open, copy
+or attach, with no server, no network and no script.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from fruitpipe import sinks
+from fruitpipe.evaluate import EVALUATION_JSON, METHOD_TITLES, METHODS
+from fruitpipe.report import figures
+from fruitpipe.storage import locate, read_bytes, write_bytes
+
+REPORT_HTML = "report/index.html"
+SCATTER_SAMPLE = 5000
+ERROR_ROWS = 200
+
+
+@dataclass(frozen=True)
+class RunDocuments:
+    """What the report reads from a run folder (the large datasets only as the few columns it draws)."""
+
+    manifest: dict
+    model_info: dict
+    pca_model: dict
+    config_text: str
+    metadata: pa.Table
+    errors: pa.Table
+    pca: pa.Table
+    evaluation: dict | None
+
+
+def load_documents(run_dir: str) -> RunDocuments:
+    """Read a finished run's documents and the report's columns of its datasets."""
+    from fruitpipe import load_run
+
+    load_run(run_dir)
+    out = locate(run_dir)
+    try:
+        evaluation = sinks.read_json(out, EVALUATION_JSON)
+    except FileNotFoundError:
+        evaluation = None
+    return RunDocuments(
+        manifest=sinks.read_json(out, sinks.MANIFEST),
+        model_info=sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json"),
+        pca_model=sinks.read_json(out, f"{sinks.MODEL}/{sinks.PCA_MODEL_JSON}"),
+        config_text=read_bytes(out, out.join(sinks.CONFIG_YAML)).decode(),
+        metadata=sinks.read_dataset(out, sinks.METADATA, columns=["label", "status"]),
+        errors=sinks.read_dataset(out, sinks.ERRORS),
+        pca=sinks.read_dataset(out, sinks.PCA, columns=["label", "pca"]),
+        evaluation=evaluation,
+    )
+
+
+def build_report(run_dir: str) -> str:
+    """Write RUN_DIR/report/index.html and return where it is (a path or URI)."""
+    documents = load_documents(run_dir)
+    page = render(documents, run_dir)
+    out = locate(run_dir)
+    write_bytes(out, out.join(REPORT_HTML), page.encode("utf-8"))
+    return out.uri(out.join(REPORT_HTML))
+
+
+def render(documents: RunDocuments, run_dir: str) -> str:
+    """The whole page as a string."""
+    manifest = documents.manifest
+    template = Template(resources.files("fruitpipe.report").joinpath("template.html").read_text(encoding="utf-8"))
+    created = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(manifest["created_unix"]))
+    return template.substitute(
+        title=html.escape(f"fruitpipe run: {manifest['model']}, {manifest['images_ok']} images"),
+        subtitle=html.escape(f"{run_dir} · source {manifest['source']} ({manifest['split']}) · finished {created}"),
+        summary=_summary(documents),
+        pca=_pca_section(documents),
+        classes=_classes_section(documents.metadata),
+        errors=_errors_section(documents.errors),
+        timing=_timing_section(documents.model_info),
+        evaluation=_evaluation_section(documents.evaluation),
+        config=_config_section(documents),
+    )
+
+
+def _image(png: bytes, alt: str) -> str:
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img class="figure" alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[bool] | None = None) -> str:
+    numeric = numeric or [False] * len(header)
+    head = "".join(f'<th{" class=num" if n else ""}>{html.escape(str(h))}</th>' for h, n in zip(header, numeric))
+    body = "".join("<tr>" + "".join(f'<td{" class=num" if n else ""}>{html.escape(_text(v))}</td>'
+                                    for v, n in zip(row, numeric)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _cards(items: Sequence[tuple[str, str]]) -> str:
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
+        for value, label in items) + "</div>"
+
+
+def _summary(documents: RunDocuments) -> str:
+    manifest, info = documents.manifest, documents.model_info
+    seconds = info["seconds"]
+    classes = len(set(documents.metadata.column("label").to_pylist()))
+    cards = _cards([
+        (f"{manifest['images_listed']:,}", "images listed"),
+        (f"{manifest['images_ok']:,}", "with features"),
+        (f"{manifest['images_failed']:,}", "failed"),
+        (f"{classes:,}", "classes"),
+        (f"{info['feature_dim']} → {info['pca_k']}", "feature dim → PCA k"),
+        (f"{info['variance_kept']:.1%}", "variance kept"),
+        (f"{seconds.get('total', 0.0):.1f} s", "total time"),
+        (f"{info['images_per_second']:.1f}", "images/s end to end"),
+        (f"{manifest['shards']} ({manifest['shards_resumed']} resumed)", "shards"),
+    ])
+    outputs = _table(["output", "format", "parts", "rows"],
+                     [(name, value["format"], value["parts"], value["rows"])
+                      for name, value in manifest["outputs"].items()], [False, False, True, True])
+    return cards + "<h3>Outputs</h3>" + outputs
+
+
+def _pca_section(documents: RunDocuments) -> str:
+    ratios = documents.pca_model["explained_variance_ratio"]
+    target = (yaml.safe_load(documents.config_text) or {}).get("pca_variance")
+    parts = [_image(figures.variance_figure(ratios, target), "PCA explained variance per component and cumulative")]
+    parts.append(f'<p class="note">{len(ratios)} components kept of {documents.pca_model["input_dim"]} '
+                 f"({documents.pca_model['variance_kept']:.1%} of the total variance, fitted on "
+                 f"{documents.pca_model['n_samples']:,} images); variance.csv has the numbers.</p>")
+    pca = documents.pca
+    if pca.num_rows and len(ratios) >= 2:
+        rows = np.arange(pca.num_rows)
+        if pca.num_rows > SCATTER_SAMPLE:
+            rows = np.sort(np.random.default_rng(0).choice(pca.num_rows, SCATTER_SAMPLE, replace=False))
+        sample = pca.take(pa.array(rows))
+        points = sinks.vectors_matrix(sample, "pca")[:, :2]
+        labels = sample.column("label").to_pylist()
+        parts.append(_image(figures.scatter_figure(points, labels, pca.num_rows),
+                            "scatter of the first two principal components coloured by class"))
+    return "".join(parts)
+
+
+def _status_counts(metadata: pa.Table, status: str) -> dict[str, int]:
+    labels = np.asarray(metadata.column("label").to_pylist(), dtype=object)
+    chosen = labels[np.asarray(metadata.column("status").to_pylist(), dtype=object) == status]
+    names, counts = np.unique(chosen, return_counts=True) if chosen.size else ([], [])
+    return {str(name): int(count) for name, count in zip(names, counts)}
+
+
+def _classes_section(metadata: pa.Table) -> str:
+    ok, failed = _status_counts(metadata, "ok"), _status_counts(metadata, "failed")
+    if not ok and not failed:
+        return '<p class="note">No images.</p>'
+    return _image(figures.class_counts_figure(ok, failed), "images per class")
+
+
+def _errors_section(errors: pa.Table) -> str:
+    if errors.num_rows == 0:
+        return '<p class="ok">No errors: every listed image has features.</p>'
+    frame = errors.to_pandas()
+    grouped = (frame.groupby(["stage", "reason"]).size().reset_index(name="images")
+               .sort_values(["images", "stage", "reason"], ascending=[False, True, True]))
+    summary = _table(["stage", "reason", "images"],
+                     grouped[["stage", "reason", "images"]].itertuples(index=False), [False, False, True])
+    shown = frame.sort_values("path").head(ERROR_ROWS)
+    more = f" (first {ERROR_ROWS} of {len(frame)}; errors/ and csv/errors.csv hold all)" if len(frame) > ERROR_ROWS else ""
+    detail = _table(["path", "label", "stage", "reason"], shown[["path", "label", "stage", "reason"]].itertuples(index=False))
+    return (f'<p class="bad">{len(frame):,} images failed.</p>' + summary
+            + f"<details><summary>every failed image{html.escape(more)}</summary>{detail}</details>")
+
+
+def _timing_section(info: Mapping[str, Any]) -> str:
+    seconds = info["seconds"]
+    rows = [(name.replace("_", " "), value) for name, value in figures.ordered_phases(seconds)]
+    rows.append(("total", seconds.get("total", 0.0)))
+    task = info.get("shard_seconds_summed", {})
+    parts = [_image(figures.phase_figure(seconds), "seconds per pipeline phase"),
+             f"<p>{info['images_per_second']:.1f} images/s end to end "
+             f"({info['counts']['images_listed']:,} images in {seconds.get('total', 0.0):.1f} s).</p>",
+             _table(["phase", "seconds"], rows, [False, True])]
+    if task:
+        parts.append("<h3>Inside the extraction tasks (seconds summed over shards)</h3>"
+                     '<p class="note">Reading and decoding overlap inference, so these do not add up to wall time.'
+                     "</p>" + _table(["task phase", "seconds"], list(task.items()), [False, True]))
+    executors = info.get("executors") or []
+    parts.append(f"<p>Executors: {html.escape(', '.join(map(str, executors)) or '–')}</p>")
+    return "".join(parts)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _evaluation_section(evaluation: Mapping[str, Any] | None) -> str:
+    if evaluation is None:
+        return ('<p class="note">Not evaluated yet: run <code>fruitpipe evaluate RUN_DIR --test SRC</code>, '
+                "then build this report again.</p>")
+    titles = [METHOD_TITLES[m] for m in METHODS]
+    accuracy = _table(["features", *titles],
+                      [(f"PCA-{v['dim']}" if name == "pca" else f"raw {v['dim']}-d",
+                        *[_percent(v["accuracy"][m]) for m in METHODS])
+                       for name, v in evaluation["feature_sets"].items()], [False, True, True, True])
+    note = (f'<p class="note">{evaluation["test_images"]:,} held-out images ({html.escape(evaluation["split"])} split '
+            f"of {html.escape(evaluation['test_source'])}) in {evaluation['classes']} classes; chance "
+            f"{evaluation['chance']:.1%}, majority class {evaluation['majority_class']:.1%}. Classifiers fitted on "
+            f"the run's {evaluation['train_images']:,} training images; {html.escape(evaluation['metric'])}. "
+            f"Left out: {evaluation['test_images_unseen_class']} images of classes the run never saw, "
+            f"{evaluation['test_images_failed']} unreadable.</p>")
+    ranked = sorted(evaluation["per_class"], key=lambda row: (row["pca"]["1nn"] is None, row["pca"]["1nn"] or 0.0,
+                                                               row["label"]))
+    per_class = _table(["class", "train", "test", *[f"PCA {t}" for t in titles], *[f"raw {t}" for t in titles]],
+                       [(row["label"], row["train"], row["test"], *[_percent(row["pca"][m]) for m in METHODS],
+                         *[_percent(row["raw"][m]) for m in METHODS]) for row in ranked],
+                       [False, True, True] + [True] * 6)
+    confused = evaluation.get("most_confused_pca_1nn") or []
+    confusions = (_table(["true class", "predicted as", "images"],
+                         [(c["true"], c["predicted"], c["images"]) for c in confused], [False, False, True])
+                  if confused else '<p class="ok">No confusions: PCA 1-NN labels every test image right.</p>')
+    return (accuracy + note + "<h3>Most confused (PCA 1-NN)</h3>" + confusions
+            + f"<details><summary>per class, weakest first ({len(ranked)} classes)</summary>{per_class}</details>")
+
+
+def _config_section(documents: RunDocuments) -> str:
+    info = documents.model_info
+    model_rows = [("model", info["model"]), ("weights", info["weights"]), ("weights sha256", info["weights_sha256"]),
+                  ("ONNX sha256", info["onnx_sha256"]), ("input size", f"{info['image_size']} px"),
+                  ("interpolation", info["interpolation"]), ("normalisation mean", str(info["mean"])),
+                  ("normalisation std", str(info["std"]))]
+    versions = sorted(info.get("versions", {}).items())
+    return ("<h3>Feature model</h3>" + _table(["", ""], model_rows)
+            + "<h3>Versions</h3>" + _table(["package", "version"], versions)
+            + "<h3>Resolved configuration (config.yaml)</h3>"
+            + f"<pre>{html.escape(documents.config_text)}</pre>")
+
