@@ -265,6 +265,11 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
     assert f"cluster {cluster_id} ({name}): RUNNING" in result.out and f"step {step_id}" in result.out
     assert "2 x m5.xlarge" in result.out
 
+    result = emr("watch", "--interval", "0.05", "--timeout", "0.2")
+    assert result.rc == 0 and "stopped watching" in result.err
+    assert re.search(rf"\+0:00:00: cluster {cluster_id}: RUNNING", result.out)
+    assert re.search(rf"step {step_id} \(fruitpipe run --mode mini\): (PENDING|RUNNING)", result.out)
+
     step_logs = f"fruitpipe/logs/{cluster_id}/steps/{step_id}/"
     s3.put_object(Bucket=bucket, Key=step_logs + "stderr.gz", Body=gzip.compress(b"starting\nTraceback: boom\n"))
     s3.put_object(Bucket=bucket, Key=step_logs + "stdout.gz", Body=gzip.compress(b"42 images\n"))
@@ -294,6 +299,9 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
     monkeypatch.setattr("sys.stdin", FakeTerminal("y\n"))
     assert emr("down", "--wait", "--interval", "0.05").rc == 0
     assert cluster_state(moto, cluster_id) == "TERMINATED"
+
+    result = emr("watch", "--interval", "0.05")
+    assert result.rc == 0 and f"cluster {cluster_id}: TERMINATED" in result.out
 
     result = emr("cost", "--cluster", cluster_id, "--images", "10000")
     assert result.rc == 0 and "in total" in result.out

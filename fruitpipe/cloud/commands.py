@@ -180,7 +180,8 @@ def create_roles(config: EmrConfig, aws: Aws) -> int:
         if _role_exists(aws, role.name):
             info(f"role {role.name} exists")
         else:
-            aws.change("iam", "create_role", RoleName=role.name, AssumeRolePolicyDocument=specs.trust_policy(role.service),
+            aws.change("iam", "create_role", RoleName=role.name,
+                       AssumeRolePolicyDocument=specs.trust_policy(role.service),
                        Description=f"EMR role for fruitpipe ({role.service})", Tags=tags)
             aws.change("iam", "attach_role_policy", RoleName=role.name, PolicyArn=role.managed_policy_arn)
             info(f"created role {role.name} with {role.managed_policy_arn}")
@@ -487,7 +488,8 @@ def watch(config: EmrConfig, aws: Aws, cluster: str | None, interval: float, tim
         for key, state in current.items():
             if seen.get(key) != state:
                 label = f"step {key} ({names[key]})" if key in names else f"cluster {key}"
-                print(f"{datetime.now(timezone.utc):%H:%M:%S} {label}: {state}", flush=True)
+                print(f"{datetime.now(timezone.utc):%H:%M:%S} UTC, +{duration(time.monotonic() - start)}: "
+                      f"{label}: {state}", flush=True)
         seen = current
         steps_active = any(s["Status"]["State"] in ACTIVE_STEP_STATES for s in steps)
         if cluster_state in TERMINATED_STATES or (cluster_state == "WAITING" and not steps_active):
