@@ -3,28 +3,55 @@
 Filesystem objects are created where they are used (inside each Spark task), never pickled across a fork:
 s3fs is not fork-safe. Every object is written whole in one call (temp + rename on local disks, a single PUT
 on object stores), so a reader never sees half a file and an interrupted run leaves nothing torn.
+
+Listings are never cached: executors write the run folder while the driver reads it, and s3fs's listing cache
+would let the driver's resume check and manifest miss what they wrote.
+
+Credentials and endpoints come from the standard AWS chain (environment, profile, instance role;
+`AWS_ENDPOINT_URL` for S3-compatible stores), read by botocore on each node; fruitpipe never handles them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from fruitpipe.errors import FruitpipeError
+
 T = TypeVar("T")
 
+# How long one storage operation keeps retrying transient errors before the run gives up on the store; below the
+# per-image read timeout (60 s by default), so an outage fails the task instead of timing images out.
+RETRY_BUDGET_S = 30.0
+
 # Errors worth retrying: the store was briefly unreachable or answered 5xx / throttled.
-_TRANSIENT_NAMES = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "EndpointConnectionError",
-                    "ClientOSError", "ServerDisconnectedError", "TimeoutError", "SlowDown",
-                    "ServiceUnavailable", "InternalError", "ConnectionResetError", "BrokenPipeError",
-                    "IncompleteRead", "ClientConnectorError", "ServerTimeoutError", "ProtocolError")
+_TRANSIENT_NAMES = frozenset({
+    "ConnectionError", "ConnectTimeout", "ConnectTimeoutError", "ReadTimeout", "ReadTimeoutError",
+    "EndpointConnectionError", "ConnectionClosedError", "HTTPClientError", "ResponseParserError",
+    "ClientOSError", "ClientConnectorError", "ClientPayloadError", "ServerDisconnectedError",
+    "ServerTimeoutError", "IncompleteRead", "ProtocolError", "FSTimeoutError",
+})
+_TRANSIENT_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                              "ThrottlingException", "RequestLimitExceeded", "503", "500", "502", "504"})
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                               errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH})
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_UNAVAILABLE_LINE = re.compile(r"StorageUnavailable: (.+)")
+
+
+class StorageUnavailable(FruitpipeError):
+    """The store stayed unreachable through every retry: the run stops with this one line, the next one resumes."""
 
 
 @dataclass(frozen=True)
@@ -50,24 +77,28 @@ class Location:
 
 
 def locate(uri: str) -> Location:
-    """Resolve a URI or local path to a filesystem (fresh in this process) and a path."""
-    fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri), skip_instance_cache=True)
+    """Resolve a URI or local path to a filesystem (fresh in this process, listings uncached) and a path."""
+    fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri), skip_instance_cache=True, use_listings_cache=False)
     return Location(fs, path.rstrip("/") or path)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors that a retry may cure (network blips, throttling, server errors)."""
+    """True for errors that a retry may cure (network blips, throttling, server errors), never for missing files."""
+    if isinstance(exc, _PERMANENT):
+        return False
     for error in _chain(exc):
+        if isinstance(error, StorageUnavailable):
+            return False
         if type(error).__name__ in _TRANSIENT_NAMES or isinstance(error, (ConnectionError, TimeoutError)):
             return True
-        status = getattr(error, "response", None)
-        if isinstance(status, dict):
-            code = status.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code >= 500 or code == 429:
-                return True
-        text = str(error)
-        if any(marker in text for marker in ("503", "500 Internal", "SlowDown", "Connection refused")):
+        if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
             return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = str(response.get("Error", {}).get("Code", ""))
+            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+                return True
     return False
 
 
@@ -80,22 +111,40 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def with_retries(action: Callable[[], T], attempts: int = 6, base_delay: float = 0.5, max_delay: float = 8.0) -> T:
-    """Run `action`, retrying transient storage errors with jittered exponential backoff."""
-    for attempt in range(1, attempts + 1):
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def with_retries(action: Callable[[], T], what: str = "storage", budget_s: float = RETRY_BUDGET_S,
+                 base_delay: float = 0.5, max_delay: float = 8.0) -> T:
+    """Run `action`, retrying transient storage errors with jittered exponential backoff for up to `budget_s`.
+
+    A store still failing after that raises StorageUnavailable (inside a Spark task: the task fails, Spark
+    retries it, and a run that cannot finish stops with one line and resumes next time).
+    """
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return action()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random() / 2))
-    raise AssertionError("unreachable")
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            elapsed = time.monotonic() - started
+            if elapsed + delay > budget_s:
+                raise StorageUnavailable(
+                    f"storage unreachable: {what}: {_first_line(exc)} (gave up after {attempt} tries in "
+                    f"{elapsed:.0f} s); run the same command again to resume") from exc
+            time.sleep(delay)
 
 
 def read_bytes(location: Location, path: str) -> bytes:
-    """The whole object at `path`, retried on transient errors."""
-    return with_retries(lambda: location.fs.cat_file(path))
+    """The whole object at `path`, retried on transient errors (one GET on S3: no size probe first)."""
+    options = {} if location.is_local or "s3" not in location.fs.protocol else {"max_concurrency": 1}
+    return with_retries(lambda: location.fs.cat_file(path, **options), location.uri(path))
 
 
 def write_bytes(location: Location, path: str, data: bytes) -> None:
@@ -110,37 +159,61 @@ def write_bytes(location: Location, path: str, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         return
-    with_retries(lambda: location.fs.pipe_file(path, data))
+    with_retries(lambda: location.fs.pipe_file(path, data), location.uri(path))
 
 
 def exists(location: Location, path: str) -> bool:
-    return with_retries(lambda: location.fs.exists(path))
+    return with_retries(lambda: location.fs.exists(path), location.uri(path))
 
 
 def list_names(location: Location, directory: str) -> list[str]:
-    """Base names of the objects directly in `directory` (empty when it does not exist)."""
+    """Base names of the objects and folders directly in `directory`, listed now (empty when it does not exist)."""
     def listing() -> list[str]:
         try:
-            entries = location.fs.ls(directory, detail=False, refresh=True) if not location.is_local \
-                else location.fs.ls(directory, detail=False)
+            entries = location.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
-    return with_retries(listing)
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.rstrip("/") != directory)
+    return with_retries(listing, location.uri(directory))
 
 
 def find_files(location: Location, root: str) -> dict[str, int]:
-    """Every file below `root` as {path: size}, from flat listings (one paged prefix listing on S3)."""
+    """Every file below `root` as {path: size}, from one flat listing (paged prefix listing on S3, 1,000 keys a
+    call, never a walk per folder). Zero-byte `name/` folder markers that consoles create are not files."""
     def listing() -> dict[str, int]:
         try:
             found = location.fs.find(root, detail=True)
         except FileNotFoundError:
             return {}
-        return {path: int(info.get("size") or 0) for path, info in found.items() if info.get("type") != "directory"}
-    return with_retries(listing)
+        return {path: int(info.get("size") or 0) for path, info in found.items()
+                if info.get("type") != "directory" and not path.endswith("/")}
+    try:
+        return with_retries(listing, location.uri(root))
+    except PermissionError as exc:
+        raise FruitpipeError(f"cannot list {location.uri(root)}: permission denied ({_first_line(exc)})") from None
+    except Exception as exc:
+        if any(type(error).__name__ == "NoCredentialsError" for error in _chain(exc)):
+            raise FruitpipeError(f"cannot list {location.uri(root)}: no credentials found (set AWS_PROFILE or "
+                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run with an instance role)") from None
+        raise
 
 
 def remove_tree(location: Location, path: str) -> None:
     """Delete `path` and everything below it, if present."""
     if exists(location, path):
-        with_retries(lambda: location.fs.rm(path, recursive=True))
+        with_retries(lambda: location.fs.rm(path, recursive=True), location.uri(path))
+
+
+@contextlib.contextmanager
+def unavailable_reported() -> Iterator[None]:
+    """Turn a Spark job that failed because its tasks found the store unreachable into one StorageUnavailable line
+    (Spark reports a task's exception as text: the worker's traceback inside a JVM stack trace)."""
+    try:
+        yield
+    except FruitpipeError:
+        raise
+    except Exception as exc:
+        found = _UNAVAILABLE_LINE.search(str(exc))
+        if found is None:
+            raise
+        raise StorageUnavailable(found.group(1).strip()) from None
