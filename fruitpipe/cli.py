@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="feature model (default efficientnet_lite0; see `fruitpipe models`)")
     model.add_argument("--weights", help="weights file or URI (mobilenet_v2), or 'random' for speed tests")
     model.add_argument("--image-size", type=_positive_int, metavar="PX", help="input side (default: the model's)")
+    model.add_argument("--precision", choices=["fp32", "int8"],
+                       help="int8: ONNX Runtime static quantization calibrated on 64 of the run's images; "
+                            "about 3x faster inference on CPUs with VNNI, features close to fp32 (default fp32)")
     model.add_argument("--pca-k", type=_positive_int, metavar="K", help="PCA components to keep (default 50)")
     model.add_argument("--pca-variance", type=float, metavar="FRACTION",
                        help="keep the fewest components reaching this explained variance, e.g. 0.95")
@@ -118,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the feature models")
     models.set_defaults(handler=_cmd_models)
 
+    evaluate = commands.add_parser("evaluate", help="1-NN, 5-NN and nearest-centroid accuracy on held-out images",
+                                   description="Extract held-out images with RUN_DIR's model and PCA, then score "
+                                               "k-NN and nearest-centroid classifiers fitted on the run's features.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--test", required=True, metavar="SRC", help="dataset root holding the held-out split")
+    evaluate.add_argument("--work-dir", metavar="DIR",
+                          help="where the held-out features go (default RUN_DIR/evaluation/test_run)")
+    _add_selection_flags(evaluate)
+    evaluate.add_argument("--overwrite", action="store_true", default=None, help="replace earlier held-out features")
+    evaluate.add_argument("--quiet", action="store_true", default=None, help="no progress output")
+    _add_spark_flags(evaluate)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/index.html with figures",
+                                 description="One self-contained HTML page: variance, PCA scatter, classes, errors, "
+                                             "timings, evaluation, configuration.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(handler=_cmd_report)
+
     from fruitpipe.cloud.cli import register as register_emr
 
     register_emr(commands)
@@ -129,7 +151,7 @@ def _run_config(args: argparse.Namespace, **fixed):
 
     file_values = load_yaml(args.config)
     names = ("source", "output", "mode", "classes", "per_class", "limit", "split", "model", "weights", "image_size",
-             "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
+             "precision", "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
              "threads_per_task", "batch_size", "shard_size", "read_timeout_s")
     overrides = {name: getattr(args, name, None) for name in names}
     if getattr(args, "spark_conf", None):
@@ -162,6 +184,24 @@ def _print_summary(result) -> None:
           f"extract {seconds.get('extract', 0):.1f} s, PCA fit {seconds.get('pca_fit', 0):.2f} s)")
     print(f"PCA: {result.feature_dim} -> {result.pca_k} components, variance kept {result.variance_kept:.1%}")
     print(f"outputs: {result.output} (features/, pca/, metadata/, errors/, variance.csv, manifest.json)")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fruitpipe.evaluate import EVALUATION_JSON, default_work_dir, evaluate, format_table
+
+    config = _run_config(args, source=args.test, output=args.work_dir or default_work_dir(args.run_dir),
+                         split=args.split or "Test")
+    document = evaluate(args.run_dir, config)
+    print(format_table(document))
+    print(f"wrote {args.run_dir.rstrip('/')}/{EVALUATION_JSON}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fruitpipe.report import build_report
+
+    print(f"wrote {build_report(args.run_dir)}")
+    return 0
 
 
 def _cmd_inventory(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import yaml
 from fruitpipe.errors import FruitpipeError
 
 MODES = ("mini", "apples", "full")
+PRECISIONS = ("fp32", "int8")
 SPLITS = ("Training", "Test")
 MINI_IMAGES = 300
 APPLE_CLASSES = ("Apple*",)
@@ -50,6 +51,7 @@ class RunConfig:
     model: str = "efficientnet_lite0"
     weights: str | None = None
     image_size: int | None = None
+    precision: str = "fp32"
     batch_size: int = 32
     shard_size: int = 1024
     threads_per_task: int = 1
@@ -83,6 +85,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise FruitpipeError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise FruitpipeError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.image_size is not None and self.image_size < 32:
             raise FruitpipeError(f"--image-size must be at least 32 pixels, got {self.image_size}")
         if self.pca_variance is not None:
@@ -100,7 +104,8 @@ class RunConfig:
         """What the stored features depend on: a different value means an existing OUT cannot be resumed."""
         selection = dataclasses.asdict(self.selection())
         identity = {"source": self.source.rstrip("/"), "selection": selection, "model": self.model,
-                    "weights_sha256": weights_sha256, "input_size": input_size, "shard_size": self.shard_size}
+                    "weights_sha256": weights_sha256, "input_size": input_size, "shard_size": self.shard_size,
+                    "precision": self.precision}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_public_dict(self) -> dict[str, Any]:
@@ -161,7 +166,8 @@ def _check_types(values: Mapping[str, Any]) -> None:
     expected = {"batch_size": int, "shard_size": int, "threads_per_task": int, "per_class": int, "limit": int,
                 "image_size": int, "pca_k": int, "pca_variance": (int, float), "read_timeout_s": (int, float),
                 "features_csv": bool, "overwrite": bool, "quiet": bool, "source": str, "output": str,
-                "mode": str, "split": str, "model": str, "weights": str, "master": str, "cache_dir": str}
+                "mode": str, "split": str, "model": str, "weights": str, "precision": str, "master": str,
+                "cache_dir": str}
     for key, kind in expected.items():
         value = values.get(key)
         if value is None:
