@@ -1,19 +1,24 @@
 """The work of one shard, run inside a Spark task: read bytes -> decode + resize -> ONNX batches -> write.
 
-Reads and decodes run in a small thread pool ahead of inference (PIL and the network release the GIL), bounded
-so memory stays flat. Every image ends as a features row or an error row with its stage; the shard's outputs
-are written whole, and its stats file, written last, marks it done for resume.
+Reads and decodes run in a few daemon threads ahead of inference (PIL and the network release the GIL), bounded
+so memory stays flat; one that hangs past the read timeout is abandoned. Every image ends as a features row or an
+error row with its stage; the shard's outputs are written whole, and its stats file, written last, marks it done.
+On resume a shard counts as done only when its stats file and its parts agree (`completed_shards`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import queue
+import re
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,9 +28,14 @@ import pyarrow as pa
 from fruitpipe import sinks
 from fruitpipe.images import ImageDecodeError, Preprocessing, image_size, preprocess
 from fruitpipe.inference import extract_features, session_for
-from fruitpipe.storage import Location, locate, read_bytes
+from fruitpipe.storage import (Location, StorageUnavailable, list_names, locate, read_bytes, remove_tree,
+                               with_retries)
 
 IMAGE_COLUMNS = ["image_id", "path", "label", "label_index", "split", "bytes", "shard_id"]
+# More hung reads than this in one shard means the storage hangs, not one file: fail the task so Spark retries it.
+MAX_HUNG_READS = 8
+# storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
+_PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -64,18 +74,37 @@ class ShardTimer:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _load(source: Location, record: dict, prep: Preprocessing, timer: ShardTimer) -> _Loaded:
+@dataclass(eq=False)
+class _Job:
+    """One image's load as the prefetcher tracks it: which stage it is in, since when, and its result."""
+
+    record: dict
+    stage: str = "read"
+    started: float | None = None
+    result: _Loaded | None = None
+    abandoned: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class HungReadsError(RuntimeError):
+    """Many reads of one shard hung: the storage is at fault, not single images, so the task fails and is retried."""
+
+
+def _load(source: Location, job: _Job, prep: Preprocessing, timer: ShardTimer) -> _Loaded:
     started = time.perf_counter()
     try:
-        data = read_bytes(source, source.join(record["path"]))
+        data = read_bytes(source, source.join(job.record["path"]))
     except FileNotFoundError:
         return _Loaded(stage="read", reason="file vanished after listing (not found)")
     except PermissionError as exc:
         return _Loaded(stage="read", reason=f"permission denied: {exc.strerror or exc}")
+    except StorageUnavailable:
+        raise
     except Exception as exc:
         return _Loaded(stage="read", reason=f"{type(exc).__name__}: {exc}")
     finally:
         timer.read += time.perf_counter() - started
+    job.stage = "decode"
     started = time.perf_counter()
     try:
         tensor, (width, height) = preprocess(data, prep)
@@ -91,26 +120,83 @@ def _load(source: Location, record: dict, prep: Preprocessing, timer: ShardTimer
         timer.decode += time.perf_counter() - started
 
 
-def _prefetched(records: list[dict], load: Callable[[dict], _Loaded], pool: ThreadPoolExecutor,
-                window: int, timeout_s: float) -> Iterator[tuple[dict, _Loaded]]:
-    """Loads in input order with at most `window` in flight; a load slower than timeout_s becomes an error."""
-    pending: deque[tuple[dict, Future[_Loaded]]] = deque()
+def _prefetched(records: list[dict], load: Callable[[_Job], _Loaded], threads: int, window: int, timeout_s: float,
+                max_hung: int = MAX_HUNG_READS) -> Iterator[tuple[dict, _Loaded]]:
+    """Loads in input order, up to `window` ahead on `threads` daemon threads.
+
+    A load running longer than timeout_s (a hung network read, a FIFO, a pathological file) becomes an error row;
+    its thread is abandoned, never joined, and replaced, so neither the shard nor the worker process's exit waits
+    for it. More than `max_hung` hung loads raise HungReadsError.
+    """
+    lock = threading.Lock()
+    jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    closed = threading.Event()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            if closed.is_set():
+                continue
+            with lock:
+                job.started = time.monotonic()
+            try:
+                loaded: _Loaded | StorageUnavailable = load(job)
+            except StorageUnavailable as exc:
+                loaded = exc
+            with lock:
+                job.result = loaded
+                job.done.set()
+                if job.abandoned:
+                    return
+
+    def start_thread() -> None:
+        threading.Thread(target=work, name="fruitpipe-load", daemon=True).start()
+
+    def outcome(job: _Job) -> _Loaded | None:
+        """The job's result, or None once it has run longer than the timeout (it is then abandoned)."""
+        while True:
+            with lock:
+                if job.result is not None:
+                    return job.result
+                if job.started is not None and time.monotonic() - job.started >= timeout_s:
+                    job.abandoned = True
+                    return None
+                wait = 0.05 if job.started is None else job.started + timeout_s - time.monotonic()
+            job.done.wait(max(wait, 0.001))
+
+    pending: deque[_Job] = deque()
     upcoming = iter(records)
-    for record in upcoming:
-        pending.append((record, pool.submit(load, record)))
-        if len(pending) >= window:
-            break
-    while pending:
-        record, future = pending.popleft()
-        try:
-            loaded = future.result(timeout=timeout_s)
-        except FutureTimeout:
-            future.cancel()
-            loaded = _Loaded(stage="read", reason=f"timed out after {timeout_s:g} s reading or decoding")
-        next_record = next(upcoming, None)
-        if next_record is not None:
-            pending.append((next_record, pool.submit(load, next_record)))
-        yield record, loaded
+
+    def submit_next() -> None:
+        record = next(upcoming, None)
+        if record is not None:
+            pending.append(job := _Job(record))
+            jobs.put(job)
+
+    hung = 0
+    for _ in range(threads):
+        start_thread()
+    try:
+        for _ in range(window):
+            submit_next()
+        while pending:
+            job = pending.popleft()
+            loaded = outcome(job)
+            if isinstance(loaded, StorageUnavailable):
+                raise loaded
+            if loaded is None:
+                hung += 1
+                if hung > max_hung:
+                    raise HungReadsError(f"{hung} images hung longer than {timeout_s:g} s each; is the source storage "
+                                         "reachable?")
+                start_thread()
+                action = "reading" if job.stage == "read" else "decoding"
+                loaded = _Loaded(stage=job.stage, reason=f"timed out after {timeout_s:g} s {action}")
+            submit_next()
+            yield job.record, loaded
+    finally:
+        closed.set()
+        for _ in range(threads):
+            jobs.put(None)
 
 
 def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettings,
@@ -142,25 +228,22 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
         timer.infer += time.perf_counter() - started
         batch.clear()
 
-    pool = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix=f"shard{shard_id}-load")
-    try:
-        loaded_stream = _prefetched(records, lambda record: _load(source, record, settings.preprocessing, timer),
-                                    pool, window=2 * settings.batch_size, timeout_s=settings.read_timeout_s)
-        for record, loaded in loaded_stream:
-            ok = loaded.tensor is not None
-            metadata_rows.append({"image_id": record["image_id"], "path": record["path"], "label": record["label"],
-                                  "split": record["split"], "width": loaded.width, "height": loaded.height,
-                                  "bytes": record["bytes"], "format": loaded.image_format,
-                                  "status": "ok" if ok else "failed"})
-            if ok:
-                batch.append((record, loaded.tensor))
-                if len(batch) == settings.batch_size:
-                    flush()
-            else:
-                error_rows.append(_error(record, loaded.stage, loaded.reason))
-        flush()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    loaded_stream = _prefetched(records, lambda job: _load(source, job, settings.preprocessing, timer),
+                                threads=settings.io_threads, window=2 * settings.batch_size,
+                                timeout_s=settings.read_timeout_s)
+    for record, loaded in loaded_stream:
+        ok = loaded.tensor is not None
+        metadata_rows.append({"image_id": record["image_id"], "path": record["path"], "label": record["label"],
+                              "split": record["split"], "width": loaded.width, "height": loaded.height,
+                              "bytes": record["bytes"], "format": loaded.image_format,
+                              "status": "ok" if ok else "failed"})
+        if ok:
+            batch.append((record, loaded.tensor))
+            if len(batch) == settings.batch_size:
+                flush()
+        else:
+            error_rows.append(_error(record, loaded.stage, loaded.reason))
+    flush()
 
     started = time.perf_counter()
     features = np.concatenate(ok_vectors) if ok_vectors else np.zeros((0, 0), dtype=np.float32)
@@ -178,6 +261,8 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
         "ok": len(ok_rows),
         "failed": len(error_rows),
         "feature_dim": int(features.shape[1]) if features.size else 0,
+        "images_sha256": records_digest(records),
+        "task_attempt": _task_attempt(),
         "seconds": {"read": timer.read, "decode": timer.decode, "infer": timer.infer, "write": timer.write,
                     "wall": timer.wall},
         "executor": executor_identity(),
@@ -197,6 +282,70 @@ def _mark_failed(metadata_rows: list[dict], image_id: str) -> None:
         if row["image_id"] == image_id:
             row["status"] = "failed"
             return
+
+
+def _task_attempt() -> int:
+    """Spark's attempt number of the running task (0 on the first try), kept in the stats to show retries."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    return context.attemptNumber() if context is not None else 0
+
+
+def records_digest(records: Iterable[dict]) -> str:
+    """sha256 over the images' paths and sizes, in order: equal only for the same images in the same order."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record['path']}\0{record['bytes']}\n".encode())
+    return digest.hexdigest()
+
+
+def completed_shards(out: Location, shards: dict[int, list[dict]]) -> set[int]:
+    """The planned shards already done: stats file present and readable, and every part holding the rows it says.
+
+    A shard whose stats file exists but whose parts are missing, torn or disagree is not done: its stats file is
+    deleted, so it is redone and a run killed while redoing it cannot mistake it for done.
+    """
+    present = set(list_names(out, out.join(sinks.SHARD_STATS)))
+    candidates = [shard_id for shard_id in sorted(shards) if sinks.part_name(shard_id, ".json") in present]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        whole = dict(zip(candidates, pool.map(lambda i: _shard_is_whole(out, i, shards[i]), candidates)))
+    for shard_id in candidates:
+        if not whole[shard_id]:
+            remove_tree(out, out.join(sinks.SHARD_STATS, sinks.part_name(shard_id, ".json")))
+    return {shard_id for shard_id in candidates if whole[shard_id]}
+
+
+def _shard_is_whole(out: Location, shard_id: int, records: list[dict]) -> bool:
+    try:
+        stats = sinks.read_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(shard_id, '.json')}")
+        if (stats["shard_id"] != shard_id or stats["images"] != len(records)
+                or stats["ok"] + stats["failed"] != len(records) or stats["images_sha256"] != records_digest(records)):
+            return False
+        expected = {sinks.FEATURES: stats["ok"], sinks.METADATA: stats["images"], sinks.ERRORS: stats["failed"]}
+        return all(with_retries(lambda d=directory: sinks.parquet_rows(out, d, sinks.part_name(shard_id))) == rows
+                   for directory, rows in expected.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remove_partial_writes(out: Location) -> list[str]:
+    """Delete the temp files killed writers left in a local run folder; returns their paths.
+
+    Readers already skip them (hidden names, not `.parquet`); removing them keeps the folder clean. Object
+    stores need nothing: an object is written in one PUT or not at all.
+    """
+    if not out.is_local:
+        return []
+    removed = []
+    for directory, _, names in os.walk(out.path):
+        for name in names:
+            if _PARTIAL_WRITE.match(name):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    removed.append(path)
+    return removed
 
 
 def executor_identity() -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # A 10,000 x 10,000 photo is legitimate input; decompression bombs beyond this are refused.
 Image.MAX_IMAGE_PIXELS = 200_000_000
@@ -68,6 +68,8 @@ def decode_rgb(data: bytes, target_size: int | None = None) -> tuple[Image.Image
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image: no known image format in the bytes") from None
     except Exception as exc:  # PIL raises many types for corrupt data; all mean "not decodable"
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
     if min(stored_size) < MIN_SIDE:
@@ -118,9 +120,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size else 1.0
-        array = (array / (peak if peak > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
+        # 16-bit samples span 0..65535: scale by 257 (65535 -> 255), never by the image's own peak, which would
+        # brighten a dark image.
+        array = np.rint(np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

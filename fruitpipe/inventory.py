@@ -11,7 +11,7 @@ from fruitpipe import sinks
 from fruitpipe.dataset import IMAGE_SUFFIXES
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import ImageDecodeError, decode_rgb, image_size
-from fruitpipe.storage import find_files, locate, read_bytes
+from fruitpipe.storage import StorageUnavailable, find_files, locate, read_bytes
 
 IMAGES_CSV = "images.csv"
 CLASSES_CSV = "classes.csv"
@@ -35,6 +35,8 @@ def _inspect(source, path: str, relative: str, size: int) -> dict:
            "format": "", "readable": False, "reason": ""}
     try:
         data = read_bytes(source, path)
+    except StorageUnavailable:
+        raise
     except Exception as exc:
         row["reason"] = f"read: {type(exc).__name__}: {exc}"
         return row

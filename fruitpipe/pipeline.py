@@ -22,10 +22,12 @@ from fruitpipe import __version__, sinks
 from fruitpipe.config import RunConfig
 from fruitpipe.dataset import ImageRecord, label_indices, list_split, select
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import ExtractionSettings
+from fruitpipe.extract import ExtractionSettings, completed_shards, records_digest, remove_partial_writes
 from fruitpipe.models import ModelSpec, export_onnx, get_spec
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
-from fruitpipe.storage import Location, list_names, locate, read_bytes, remove_tree, write_bytes
+from fruitpipe.progress import ExtractionProgress
+from fruitpipe.storage import (Location, list_names, locate, read_bytes, remove_tree, unavailable_reported,
+                               write_bytes)
 
 @dataclass(frozen=True)
 class FeatureModel:
@@ -41,9 +43,14 @@ class FeatureModel:
     def export(cls, config: RunConfig) -> FeatureModel:
         spec = get_spec(config.model)
         exported = export_onnx(spec, config.weights, config.cache_dir, config.image_size)
-        with open(exported.path, "rb") as handle:
+        path, onnx_sha256 = exported.path, exported.onnx_sha256
+        if config.precision == "int8":
+            from fruitpipe.quantize import quantize_for_run
+
+            path, onnx_sha256 = quantize_for_run(exported, spec.preprocessing(exported.input_size), config)
+        with open(path, "rb") as handle:
             onnx = handle.read()
-        return cls(spec, exported.input_size, onnx, exported.onnx_sha256, exported.weights_sha256)
+        return cls(spec, exported.input_size, onnx, onnx_sha256, exported.weights_sha256)
 
     @classmethod
     def from_run(cls, run_dir: str) -> FeatureModel:
@@ -130,12 +137,9 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
     if fixed_pca is None and config.pca_variance is None:
         _check_k(config.pca_k, feature_model.spec.feature_dim, len(images))
     fingerprint = config.fingerprint(feature_model.weights_sha256, feature_model.input_size)
-    _prepare_output(out, config, fingerprint)
-    write_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE), feature_model.onnx)
-    _write_listing_errors(out, unlisted)
     shards = plan_shards(images, config.shard_size)
-    done = set(done_shards(out)) & set(shards)
-    pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
+    planned = {"images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
+    _check_output(out, config, fingerprint, planned)
 
     from fruitpipe.spark import run_extraction, run_gram, run_projection, spark_session
 
@@ -143,9 +147,15 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
                                   preprocessing=feature_model.spec.preprocessing(feature_model.input_size),
                                   model_key=feature_model.onnx_sha256, batch_size=config.batch_size,
                                   threads=config.threads_per_task, read_timeout_s=config.read_timeout_s)
-    with spark_session(config.master, dict(config.spark_conf)) as spark:
+    with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
+        _claim_output(out, config, fingerprint, planned)
+        write_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE), feature_model.onnx)
+        _write_listing_errors(out, unlisted)
+        done = completed_shards(out, shards)
+        pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
         phase = time.perf_counter()
-        run_extraction(spark, pending, settings, feature_model.onnx)
+        with ExtractionProgress(config.output, {i: len(rows) for i, rows in shards.items()}, done, config.quiet):
+            run_extraction(spark, pending, settings, feature_model.onnx)
         seconds["extract"] = time.perf_counter() - phase
 
         stats = _shard_stats(out, sorted(shards))
@@ -210,29 +220,47 @@ def plan_shards(images: list[ImageRecord], shard_size: int) -> dict[int, list[di
     return shards
 
 
-def done_shards(out: Location) -> list[int]:
-    """Shards whose stats file exists: their outputs were all written before it."""
-    return [int(name[5:10]) for name in list_names(out, out.join(sinks.SHARD_STATS))
-            if name.startswith("part-") and name.endswith(".json")]
+def _check_output(out: Location, config: RunConfig, fingerprint: str, planned: dict) -> None:
+    """Before anything is written: refuse a folder holding something else, or a run of another configuration or
+    of another set of images (the source changed since), rather than mix the two."""
+    try:
+        if out.fs.isfile(out.path):
+            raise FruitpipeError(f"output {config.output} is a file; choose a folder")
+        names = list_names(out, out.path)
+    except OSError as exc:
+        raise FruitpipeError(f"cannot use output {config.output}: {exc.strerror or exc}") from None
+    if not names:
+        return
+    if sinks.RUN_MARKER not in names:
+        raise FruitpipeError(f"output {config.output} already holds files that are not a fruitpipe run; "
+                             "choose an empty or new folder")
+    if config.overwrite:
+        return
+    marker = sinks.read_json(out, sinks.RUN_MARKER)
+    if marker.get("fingerprint") != fingerprint:
+        raise FruitpipeError(f"output {config.output} holds a run with another configuration "
+                             f"(model {marker.get('model')}, source {marker.get('source')}); "
+                             "use --overwrite to replace it or choose another output")
+    if marker.get("listing_sha256") != planned["listing_sha256"]:
+        raise FruitpipeError(f"output {config.output} holds a run over other images ({marker.get('images')} then, "
+                             f"{planned['images']} now: the source changed); use --overwrite to start afresh "
+                             "or choose another output")
 
 
-def _prepare_output(out: Location, config: RunConfig, fingerprint: str) -> None:
-    """Refuse a folder holding something else or another configuration's run; clear it on overwrite."""
-    names = list_names(out, out.path)
-    if names:
-        if sinks.RUN_MARKER not in names:
-            raise FruitpipeError(f"output {config.output} already holds files that are not a fruitpipe run; "
-                                 "choose an empty or new folder")
-        marker = sinks.read_json(out, sinks.RUN_MARKER)
+def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: dict) -> None:
+    """Mark OUT as this run's folder. Overwrite clears it, the marker last, so a clear cut short can be redone;
+    a resume first deletes the temp files of writers killed mid-write."""
+    try:
         if config.overwrite:
-            for name in names:
-                remove_tree(out, out.join(name))
-        elif marker.get("fingerprint") != fingerprint:
-            raise FruitpipeError(f"output {config.output} holds a run with another configuration "
-                                 f"(model {marker.get('model')}, source {marker.get('source')}); "
-                                 "use --overwrite to replace it or choose another output")
-    sinks.write_json(out, sinks.RUN_MARKER, {"fingerprint": fingerprint, "model": config.model,
-                                             "source": config.source, "fruitpipe": __version__})
+            for name in list_names(out, out.path):
+                if name != sinks.RUN_MARKER:
+                    remove_tree(out, out.join(name))
+        else:
+            remove_partial_writes(out)
+        sinks.write_json(out, sinks.RUN_MARKER, {"fingerprint": fingerprint, "model": config.model,
+                                                 "source": config.source, "fruitpipe": __version__, **planned})
+    except OSError as exc:
+        raise FruitpipeError(f"cannot write to output {config.output}: {exc.strerror or exc}") from None
 
 
 def _write_listing_errors(out: Location, unlisted: list[str]) -> None:
@@ -287,7 +315,7 @@ def _write_documents(out: Location, config: RunConfig, feature_model: FeatureMod
               "images_failed": result.images_failed}
     shard_seconds = {phase: sum(s["seconds"][phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
     model_info = {
-        "model": spec.name, "weights": config.weights or spec.weights_source,
+        "model": spec.name, "precision": config.precision, "weights": config.weights or spec.weights_source,
         "weights_sha256": feature_model.weights_sha256, "onnx_sha256": feature_model.onnx_sha256,
         "image_size": feature_model.input_size, "interpolation": spec.interpolation, "mean": list(spec.mean),
         "std": list(spec.std), "feature_dim": result.feature_dim, "pca_k": model.k,

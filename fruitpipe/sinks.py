@@ -82,7 +82,7 @@ def vectors_table(keys: pd.DataFrame, column: str, vectors: np.ndarray) -> pa.Ta
     """A table of key columns and a [N, D] float32 matrix as a list column, built without Python loops."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     count, dimension = vectors.shape if vectors.ndim == 2 else (0, 0)
-    offsets = pa.array(np.arange(0, (count + 1) * dimension, dimension or 1, dtype=np.int32)[: count + 1])
+    offsets = pa.array(np.arange(count + 1, dtype=np.int32) * dimension)
     values = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
     columns = [pa.array(keys[f.name].to_numpy(), type=f.type) for f in KEY_FIELDS]
     return pa.Table.from_arrays([*columns, values], schema=vectors_schema(column))

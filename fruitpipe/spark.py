@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from importlib import resources
@@ -29,6 +30,7 @@ from fruitpipe.storage import locate
 _LOCAL_MASTER = re.compile(r"^local(\[(\*|\d+)\])?$")
 STATS_SCHEMA = "shard_id long, stats string"
 TASK_RETRIES = 4
+MASTER_CONNECT_TIMEOUT_S = 10.0
 
 
 def effective_master(master: str) -> str:
@@ -49,6 +51,7 @@ def spark_session(master: str, conf: dict[str, str], app_name: str = "fruitpipe"
     if active is not None:
         yield active
         return
+    check_master_reachable(master)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     log_config = resources.files("fruitpipe").joinpath("log4j2.properties")
@@ -73,6 +76,27 @@ def spark_session(master: str, conf: dict[str, str], app_name: str = "fruitpipe"
         yield session
     finally:
         session.stop()
+
+
+def check_master_reachable(master: str, timeout_s: float = MASTER_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast when no standalone master listens at `spark://host:port[,host:port]`.
+
+    Spark itself retries registering for over a minute and then reports a stopped SparkContext.
+    """
+    if not master.startswith("spark://"):
+        return
+    problems = []
+    for address in master[len("spark://"):].split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return
+        except ValueError:
+            problems.append(f"{address}: not host:port")
+        except OSError as exc:
+            problems.append(f"{address}: {exc.strerror or exc}")
+    raise FruitpipeError(f"cannot reach Spark master {master} ({'; '.join(problems)}); "
+                         "is the master running and the URL right?")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -33,7 +33,9 @@ T = TypeVar("T")
 
 # How long one storage operation keeps retrying transient errors before the run gives up on the store; below the
 # per-image read timeout (60 s by default), so an outage fails the task instead of timing images out.
+# FRUITPIPE_STORAGE_RETRY_S overrides it (executors read their own environment: spark.executorEnv.* on a cluster).
 RETRY_BUDGET_S = 30.0
+RETRY_BUDGET_ENV = "FRUITPIPE_STORAGE_RETRY_S"
 
 # Errors worth retrying: the store was briefly unreachable or answered 5xx / throttled.
 _TRANSIENT_NAMES = frozenset({
@@ -116,13 +118,29 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def with_retries(action: Callable[[], T], what: str = "storage", budget_s: float = RETRY_BUDGET_S,
+def retry_budget_s() -> float:
+    """Seconds of retrying before a store counts as unavailable: FRUITPIPE_STORAGE_RETRY_S, else RETRY_BUDGET_S."""
+    text = os.environ.get(RETRY_BUDGET_ENV)
+    if not text:
+        return RETRY_BUDGET_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise FruitpipeError(f"{RETRY_BUDGET_ENV} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def with_retries(action: Callable[[], T], what: str = "storage", budget_s: float | None = None,
                  base_delay: float = 0.5, max_delay: float = 8.0) -> T:
-    """Run `action`, retrying transient storage errors with jittered exponential backoff for up to `budget_s`.
+    """Run `action`, retrying transient storage errors with jittered exponential backoff for up to `budget_s`
+    (default: retry_budget_s()).
 
     A store still failing after that raises StorageUnavailable (inside a Spark task: the task fails, Spark
     retries it, and a run that cannot finish stops with one line and resumes next time).
     """
+    budget_s = retry_budget_s() if budget_s is None else budget_s
     started = time.monotonic()
     attempt = 0
     while True:

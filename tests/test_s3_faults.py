@@ -1,0 +1,246 @@
+"""S3 faults during a run: the store (moto_server on loopback, behind a TCP proxy that can cut it off) answers
+503 or refuses connections for a while. A short outage is retried and the run completes with every image; a long
+one stops the run with one clear line, and the same command afterwards resumes and completes it."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.support.moto_server import MotoServer
+from tests.test_s3 import (BUCKET, create_bucket, object_keys, read_parquet_dir, s3_environment, upload_tree,
+                           vectors)
+
+pytestmark = [pytest.mark.s3, pytest.mark.spark]
+
+SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FaultyProxy:
+    """A TCP proxy on 127.0.0.1 in front of an HTTP server, switchable between three behaviours:
+
+    pass: bytes flow both ways untouched; reset: every connection is cut with a TCP reset, as a stopped or
+    crashing server does; 503: every request is answered `503 SlowDown`, as S3 does when throttling.
+    Every switch cuts the connections open at that moment, so pooled connections cannot outlive their mode.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.mode = "pass"
+        self.faults = 0
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_mode(self, mode: str) -> None:
+        assert mode in ("pass", "reset", "503")
+        with self._lock:
+            self.mode = mode
+            for connection in self._open:
+                _reset(connection)
+            self._open.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.set_mode("reset")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                mode = self.mode
+                if mode == "reset":
+                    self.faults += 1
+                    _reset(client)
+                    continue
+            target = self._pass if mode == "pass" else self._answer_503
+            threading.Thread(target=target, args=(client,), daemon=True).start()
+
+    def _pass(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            upstream.settimeout(None)
+        except OSError:
+            _reset(client)
+            return
+        with self._lock:
+            if self.mode != "pass":
+                _reset(client)
+                upstream.close()
+                return
+            self._open.update((client, upstream))
+        threading.Thread(target=_copy, args=(upstream, client), daemon=True).start()
+        _copy(client, upstream)
+
+    def _answer_503(self, client: socket.socket) -> None:
+        """Read each request's head (and body, unless the client waits for `100-continue`) and answer 503."""
+        with self._lock:
+            if self.mode != "503":
+                _reset(client)
+                return
+            self._open.add(client)
+        client.settimeout(10)
+        buffered = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    buffered += chunk
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                fields = dict((name.strip().lower(), value.strip()) for name, _, value in
+                              (line.partition(b":") for line in head.split(b"\r\n")[1:]))
+                with self._lock:
+                    self.faults += 1
+                body = b"" if head.startswith(b"HEAD ") else SLOW_DOWN
+                response = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                            b"Content-Length: %d\r\n" % len(SLOW_DOWN))
+                if fields.get(b"expect", b"").lower() == b"100-continue":
+                    client.sendall(response + b"Connection: close\r\n\r\n" + body)
+                    return
+                remaining = int(fields.get(b"content-length", b"0")) - len(buffered)
+                while remaining > 0:
+                    chunk = client.recv(min(65536, remaining))
+                    if not chunk:
+                        return
+                    remaining -= len(chunk)
+                buffered = b""
+                client.sendall(response + b"\r\n" + body)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+
+def _copy(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, target):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _reset(connection: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP reset, not an orderly end."""
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def store(demo_root):
+    """moto_server holding the demo dataset, and a proxy in front of it that the runs talk to."""
+    with MotoServer() as moto:
+        client = create_bucket(moto)
+        upload_tree(client, demo_root, BUCKET, "demo")
+        proxy = FaultyProxy(moto.port)
+        try:
+            yield moto, client, proxy
+        finally:
+            proxy.close()
+
+
+def _start_run(moto: MotoServer, proxy: FaultyProxy, output: str, cache_dir: str) -> subprocess.Popen[str]:
+    """`fruitpipe run` through the proxy, 9 shards of 8 images, with a 6 s storage retry budget so that a long
+    outage ends the run within a minute (the default budget is 30 s per operation)."""
+    env = s3_environment(moto, AWS_ENDPOINT_URL=proxy.url, FRUITPIPE_STORAGE_RETRY_S="6")
+    return subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", f"s3://{BUCKET}/demo",
+                             f"s3://{BUCKET}/{output}", "--pca-k", "10", "--shard-size", "8", "--cache-dir", cache_dir],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_first_shard(client, process: subprocess.Popen[str], output: str, timeout_s: float = 300) -> None:
+    """Return once the run has finished its first shard (seen straight on moto, not through the proxy)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if object_keys(client, BUCKET, f"{output}/_shards"):
+            return
+        assert process.poll() is None, process.communicate()[1][-4000:]
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail("the run finished no shard in time")
+
+
+def _assert_complete_and_equal(client, output: str, finished_run) -> None:
+    """Every image has its features row, none is lost or doubled, and the features equal the local run's."""
+    features = read_parquet_dir(client, BUCKET, f"{output}/features")
+    assert features["image_id"].is_unique
+    assert read_parquet_dir(client, BUCKET, f"{output}/errors").empty
+    local = finished_run.features().set_index("image_id").sort_index()
+    remote = features.set_index("image_id").sort_index()
+    assert list(remote.index) == list(local.index)
+    np.testing.assert_allclose(vectors(remote, "features"), vectors(local, "features"), atol=1e-5)
+
+
+def test_a_short_outage_is_retried_and_the_run_completes(store, cache_dir, finished_run):
+    moto, client, proxy = store
+    process = _start_run(moto, proxy, "runs/short-outage", cache_dir)
+    try:
+        _wait_for_first_shard(client, process, "runs/short-outage")
+        proxy.set_mode("503")
+        time.sleep(2)
+        proxy.set_mode("reset")
+        time.sleep(2)
+        faults = proxy.faults
+        proxy.set_mode("pass")
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        proxy.set_mode("pass")
+        if process.poll() is None:
+            process.kill()
+    assert faults > 0, "the outage hit no request"
+    assert process.returncode == 0, stderr[-4000:]
+    assert "images: 72 ok, 0 failed of 72 listed (9 shards, 0 resumed)" in stdout
+    _assert_complete_and_equal(client, "runs/short-outage", finished_run)
+
+
+def test_a_long_outage_stops_the_run_with_one_line_and_the_next_run_resumes(store, cache_dir, finished_run):
+    moto, client, proxy = store
+    process = _start_run(moto, proxy, "runs/long-outage", cache_dir)
+    try:
+        _wait_for_first_shard(client, process, "runs/long-outage")
+        proxy.set_mode("reset")
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        proxy.set_mode("pass")
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2, stderr[-4000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("fruitpipe: error: storage unreachable: s3://") and last.endswith(
+        "run the same command again to resume"), stderr[-4000:]
+    assert "Traceback" not in stderr
+    done_before = len(object_keys(client, BUCKET, "runs/long-outage/_shards"))
+    assert 1 <= done_before < 9
+
+    again = _start_run(moto, proxy, "runs/long-outage", cache_dir)
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stderr[-4000:]
+    assert f"images: 72 ok, 0 failed of 72 listed (9 shards, {done_before} resumed)" in stdout
+    _assert_complete_and_equal(client, "runs/long-outage", finished_run)
