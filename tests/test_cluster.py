@@ -1,0 +1,89 @@
+"""The same run on a real Spark standalone cluster (one master, two workers, all on 127.0.0.1).
+
+The driver is the `fruitpipe` command in its own process, as a user would start it with `--master spark://…`;
+the executors are JVMs the workers launch, each with its own Python workers. The result must equal the shared
+`local[*]` run (conftest's finished_run), and both workers' executors must have processed shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.support.spark_cluster import HOST, SparkCluster
+
+pytestmark = pytest.mark.cluster
+
+
+def _vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return np.stack(frame[column].to_numpy()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cluster_run(demo_root, cache_dir, tmp_path_factory):
+    """`fruitpipe run` against the cluster, with the shared local run's settings; yields (cluster, OUT, process)."""
+    root = tmp_path_factory.mktemp("cluster")
+    with SparkCluster(root / "spark", workers=2, cores=1, memory="1g") as cluster:
+        output = root / "run"
+        # Wait for both executors before scheduling, so the shards spread over the two workers.
+        conf = {"spark.executor.memory": "512m", "spark.executor.cores": "1", "spark.cores.max": "2",
+                "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+                "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s", "spark.driver.host": HOST}
+        arguments = ["run", str(demo_root), str(output), "--master", cluster.master_url, "--pca-k", "10",
+                     "--shard-size", "20", "--cache-dir", cache_dir]
+        for key, value in conf.items():
+            arguments += ["--spark-conf", f"{key}={value}"]
+        env = {**os.environ, "SPARK_LOCAL_IP": HOST}
+        done = subprocess.run([sys.executable, "-m", "fruitpipe.cli", *arguments], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, f"{done.stderr[-3000:]}\n{cluster.logs()[-3000:]}"
+        yield cluster, output, done
+
+
+def test_both_workers_executors_processed_shards(cluster_run):
+    cluster, output, _ = cluster_run
+    stats = [json.loads(path.read_text()) for path in sorted((output / "_shards").glob("part-*.json"))]
+    assert len(stats) == 4
+    executors = {s["executor"]["executor_id"] for s in stats}
+    assert "driver" not in executors and len(executors) == 2, stats
+    # Each executor id in the stats is a work dir under exactly one worker: both workers did work.
+    dirs = cluster.executor_dirs()
+    by_worker = {index: {path.name for path in paths} for index, paths in dirs.items()}
+    assert all(by_worker[index] & executors for index in (0, 1)), by_worker
+
+
+def test_cluster_run_equals_the_local_run(cluster_run, finished_run):
+    _, output, done = cluster_run
+    remote = pd.read_parquet(output / "features").set_index("image_id").sort_index()
+    local = finished_run.features().set_index("image_id").sort_index()
+    assert list(remote.index) == list(local.index)
+    assert list(remote["path"]) == list(local["path"]) and list(remote["label"]) == list(local["label"])
+    np.testing.assert_allclose(_vectors(remote, "features"), _vectors(local, "features"), atol=1e-5)
+
+    remote_pca = pd.read_parquet(output / "pca").set_index("image_id").sort_index()
+    local_pca = finished_run.pca().set_index("image_id").sort_index()
+    a, b = _vectors(remote_pca, "pca"), _vectors(local_pca, "pca")
+    signs = np.where(np.sum(a * b, axis=0) < 0, -1.0, 1.0).astype(np.float32)
+    np.testing.assert_allclose(a * signs, b, atol=1e-4)
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    local_manifest = json.loads((Path(finished_run.output) / "manifest.json").read_text())
+    for key in ("images_listed", "images_ok", "images_failed", "shards", "pca_k"):
+        assert manifest[key] == local_manifest[key], key
+    assert "images:" in done.stdout and "0 failed" in done.stdout
+
+
+def test_cluster_processes_are_gone_after_stop(demo_root, tmp_path):
+    cluster = SparkCluster(tmp_path / "spark", workers=1, cores=1, memory="512m")
+    with cluster:
+        assert cluster.state() is not None
+        processes = cluster.processes
+    assert all(process.poll() is not None for process in processes)
+    assert cluster.state() is None
