@@ -460,7 +460,7 @@ def sweep(source: Path, model: Model, tensors: np.ndarray, slots: int, batch: in
         print(f"  {name:48s} {value:8.0f}")
     print("\n== sweep: inference-only ceiling by tasks x threads and batch size", flush=True)
     layouts = [(slots, 1, batch, None), (1, slots, batch, True), (1, slots, batch, False),
-               (slots, 1, 8, None), (slots, 1, 64, None)]
+               *((slots, 1, size, None) for size in (1, 4, 8, 32))]
     result["ceiling"] = {}
     for processes, threads, size, spinning in layouts:
         rate = ceiling(model, tensors, processes, threads, size, seconds=12.0, spinning=spinning)
@@ -470,7 +470,8 @@ def sweep(source: Path, model: Model, tensors: np.ndarray, slots: int, batch: in
         print(f"  {name:48s} {rate:8.1f} img/s", flush=True)
     print("\n== sweep: end to end, 10,000 images", flush=True)
     variants = {"defaults": [], "shard 512": ["--shard-size", "512"], "shard 2048": ["--shard-size", "2048"],
-                "batch 8": ["--batch-size", "8"], "batch 64": ["--batch-size", "64"],
+                "batch 1": ["--batch-size", "1"], "batch 8": ["--batch-size", "8"],
+                "batch 32": ["--batch-size", "32"],
                 f"1 task x {slots} threads": ["--master", "local[1]", "--threads-per-task", str(slots)]}
     result["end_to_end"] = {}
     for name, extra in variants.items():

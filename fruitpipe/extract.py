@@ -32,6 +32,8 @@ from fruitpipe.storage import (Location, StorageUnavailable, list_names, locate,
                                with_retries)
 
 IMAGE_COLUMNS = ["image_id", "path", "label", "label_index", "split", "bytes", "shard_id"]
+# Images decoded ahead of inference, at least: enough to keep io_threads busy and hide object-store latency.
+PREFETCH_IMAGES = 32
 # More hung reads than this in one shard means the storage hangs, not one file: fail the task so Spark retries it.
 MAX_HUNG_READS = 8
 # storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
@@ -229,7 +231,7 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
         batch.clear()
 
     loaded_stream = _prefetched(records, lambda job: _load(source, job, settings.preprocessing, timer),
-                                threads=settings.io_threads, window=2 * settings.batch_size,
+                                threads=settings.io_threads, window=max(2 * settings.batch_size, PREFETCH_IMAGES),
                                 timeout_s=settings.read_timeout_s)
     for record, loaded in loaded_stream:
         ok = loaded.tensor is not None
