@@ -79,7 +79,8 @@ def load_run(run_dir: str) -> RunResult:
                      images_failed=manifest["images_failed"], shards_total=manifest["shards"],
                      shards_resumed=manifest["shards_resumed"], pca_k=manifest["pca_k"],
                      variance_kept=info["variance_kept"], seconds=info["seconds"], model=manifest["model"],
-                     feature_dim=info["feature_dim"], executors=info["executors"])
+                     feature_dim=info["feature_dim"], executors=info["executors"],
+                     spark_master=info.get("spark_master", ""))
 
 
 def evaluate_run(run_dir: str, test_source: str, /, **options: Any) -> dict:

@@ -80,6 +80,7 @@ class RunResult:
     model: str
     feature_dim: int
     executors: list[str] = field(default_factory=list)
+    spark_master: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -148,6 +149,7 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
                                   model_key=feature_model.onnx_sha256, batch_size=config.batch_size,
                                   threads=config.threads_per_task, read_timeout_s=config.read_timeout_s)
     with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
+        spark_master = spark.sparkContext.master
         _claim_output(out, config, fingerprint, planned)
         write_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE), feature_model.onnx)
         _write_listing_errors(out, unlisted)
@@ -188,7 +190,7 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
     result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=feature_model.spec.name, feature_dim=int(model.mean.shape[0]), executors=executors,
-                       **counts)
+                       spark_master=spark_master, **counts)
     _write_documents(out, config, feature_model, model, result, stats, fingerprint)
     return result
 
@@ -321,7 +323,7 @@ def _write_documents(out: Location, config: RunConfig, feature_model: FeatureMod
         "std": list(spec.std), "feature_dim": result.feature_dim, "pca_k": model.k,
         "variance_kept": model.variance_kept, "counts": counts, "seconds": result.seconds,
         "shard_seconds_summed": shard_seconds, "images_per_second": result.images_per_second,
-        "executors": result.executors, "versions": versions(),
+        "executors": result.executors, "spark_master": result.spark_master, "versions": versions(),
     }
     sinks.write_json(out, f"{sinks.MODEL_INFO}/model_info.json", model_info)
     write_bytes(out, out.join(sinks.CONFIG_YAML), yaml.safe_dump(config.to_public_dict(), sort_keys=True).encode())

@@ -31,6 +31,7 @@ _LOCAL_MASTER = re.compile(r"^local(\[(\*|\d+)\])?$")
 STATS_SCHEMA = "shard_id long, stats string"
 TASK_RETRIES = 4
 MASTER_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_MASTER = "local[*]"
 
 
 def effective_master(master: str) -> str:
@@ -43,19 +44,26 @@ def effective_master(master: str) -> str:
 
 
 @contextlib.contextmanager
-def spark_session(master: str, conf: dict[str, str], app_name: str = "fruitpipe") -> Iterator:
-    """Reuse the active SparkSession or start one; stop only a session this call started."""
+def spark_session(master: str | None, conf: dict[str, str], app_name: str = "fruitpipe") -> Iterator:
+    """Reuse the active SparkSession or start one; stop only a session this call started.
+
+    With no master given, a driver that spark-submit started keeps the master spark-submit was given (it set
+    PYSPARK_GATEWAY_PORT); any other process runs local[*].
+    """
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         yield active
         return
-    check_master_reachable(master)
+    if master is None and "PYSPARK_GATEWAY_PORT" not in os.environ:
+        master = DEFAULT_MASTER
+    if master is not None:
+        check_master_reachable(master)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     log_config = resources.files("fruitpipe").joinpath("log4j2.properties")
-    builder = (SparkSession.builder.appName(app_name).master(effective_master(master))
+    builder = (SparkSession.builder.appName(app_name)
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.ui.enabled", "false")
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -65,12 +73,15 @@ def spark_session(master: str, conf: dict[str, str], app_name: str = "fruitpipe"
                .config("spark.executor.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log_config}")
                .config("spark.sql.shuffle.partitions", "8")
                .config("spark.task.maxFailures", str(TASK_RETRIES)))
+    if master is not None:
+        builder = builder.master(effective_master(master))
     for key, value in conf.items():
         builder = builder.config(key, value)
     try:
         session = builder.getOrCreate()
     except Exception as exc:
-        raise FruitpipeError(f"cannot start Spark with master {master}: {_first_line(exc)}") from None
+        raise FruitpipeError(f"cannot start Spark with master {master or 'given to spark-submit'}: "
+                             f"{_first_line(exc)}") from None
     session.sparkContext.setLogLevel("ERROR")
     try:
         yield session

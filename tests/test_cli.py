@@ -63,3 +63,15 @@ def test_config_file_sets_defaults_and_flags_override(capsys, tmp_path):
     _fails_cleanly(capsys, ["--config", str(config), "run"], "unknown option 'unknown_option'")
     config.write_text("source: /definitely/not/here\noutput: /tmp/x\npca_k: [1]\n")
     _fails_cleanly(capsys, ["--config", str(config), "run"], "wrong type")
+
+
+def test_local_paths_become_absolute_on_the_driver_and_uris_stay(tmp_path, monkeypatch):
+    """Executors on a cluster resolve a relative path against their own working directory, not the driver's."""
+    from fruitpipe.config import build_config
+
+    monkeypatch.chdir(tmp_path)
+    config = build_config({"output": "s3://bucket/runs/a"}, {"source": "data/demo"})
+    assert config.source == str(tmp_path / "data" / "demo")
+    assert config.output == "s3://bucket/runs/a"
+    assert build_config({}, {"source": "~/photos", "output": "file:///tmp/out"}).source.startswith("/")
+    assert build_config({}, {"source": "x", "output": "file:///tmp/out"}).output == "file:///tmp/out"
