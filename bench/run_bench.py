@@ -376,7 +376,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"machine": machine(), "started_unix": time.time(), "quick": args.quick,
                     "defaults": {"task_slots": slots, "threads_per_task": threads, "batch_size": batch,
-                                 "shard_size": defaults.shard_size}}
+                                 "shard_size": defaults.shard_size or "auto"}}
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
           f"{report['machine']['ram_gib']} GiB, load {report['machine']['load_average'][0]:.1f}", flush=True)
     if args.quick:

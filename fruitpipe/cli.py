@@ -49,7 +49,8 @@ def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads-per-task", type=_positive_int, metavar="N",
                        help="ONNX Runtime threads per Spark task; keep tasks x threads <= cores (default 1)")
     group.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per inference batch (default 2: small batches stay in the CPU cache)")
-    group.add_argument("--shard-size", type=_positive_int, metavar="N", help="images per shard (unit of resume)")
+    group.add_argument("--shard-size", type=_positive_int, metavar="N", help="images per shard, the unit of a task and of resume (default: up to 1024, "
+                            "at least 8 shards)")
     group.add_argument("--read-timeout", type=float, dest="read_timeout_s", metavar="SECONDS",
                        help="give up on one image after this long reading + decoding (default 60)")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ MODES = ("mini", "apples", "full")
 PRECISIONS = ("fp32", "int8")
 SPLITS = ("Training", "Test")
 MINI_IMAGES = 300
+MAX_AUTO_SHARD_SIZE = 1024
+MIN_AUTO_SHARDS = 8
 APPLE_CLASSES = ("Apple*",)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fruitpipe")
 _SECRET_KEY_PATTERN = re.compile(r"secret|password|token|credential|access[._-]?key|session", re.IGNORECASE)
@@ -55,7 +58,8 @@ class RunConfig:
     # Small batches keep a 224 px CNN's activations in the CPU cache: on 2 EPYC cores ONNX Runtime runs
     # EfficientNet-Lite0 at 322 img/s with batch 2 and 204 img/s with batch 32 (BENCHMARKS.md).
     batch_size: int = 2
-    shard_size: int = 1024
+    # None: auto_shard_size() of the selected image count.
+    shard_size: int | None = None
     threads_per_task: int = 1
     pca_k: int | None = 50
     pca_variance: float | None = None
@@ -163,6 +167,12 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
         raise FruitpipeError("spark_conf must be a mapping of Spark setting: value")
     _check_types(merged)
     return RunConfig(**merged).validate()
+
+
+def auto_shard_size(images: int) -> int:
+    """The default shard size: at most MAX_AUTO_SHARD_SIZE images, and at least MIN_AUTO_SHARDS shards, so a small
+    run still spreads over the cores. It depends on the image count alone, so the same command resumes."""
+    return max(1, min(MAX_AUTO_SHARD_SIZE, math.ceil(images / MIN_AUTO_SHARDS)))
 
 
 def absolute_if_local(location: str) -> str:

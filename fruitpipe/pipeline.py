@@ -6,8 +6,8 @@ different configuration is refused rather than mixed; `overwrite` starts afresh.
 
 from __future__ import annotations
 
-import fnmatch
 import dataclasses
+import fnmatch
 import platform
 import sys
 import time
@@ -19,7 +19,7 @@ import pyarrow as pa
 import yaml
 
 from fruitpipe import __version__, sinks
-from fruitpipe.config import RunConfig
+from fruitpipe.config import RunConfig, auto_shard_size
 from fruitpipe.dataset import ImageRecord, label_indices, list_split, select
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import ExtractionSettings, completed_shards, records_digest, remove_partial_writes
@@ -134,6 +134,8 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
     images = select(listing.images, selection)
     unlisted = [path for path in listing.other_files if _in_selection(path, listing.split, selection)]
     seconds["list"] = time.perf_counter() - phase
+    if config.shard_size is None:
+        config = dataclasses.replace(config, shard_size=auto_shard_size(len(images)))
 
     if fixed_pca is None and config.pca_variance is None:
         _check_k(config.pca_k, feature_model.spec.feature_dim, len(images))

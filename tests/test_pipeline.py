@@ -102,3 +102,21 @@ def test_mini_mode_spreads_images_evenly_over_classes(demo_root, spark, cache_di
     result = run(config)
     counts = result.metadata()["label"].value_counts()
     assert result.images_listed == 30 and len(counts) == 6 and set(counts) == {5}
+
+
+def test_default_shards_spread_a_small_run_and_the_same_command_resumes(demo_root, spark, cache_dir, tmp_path):
+    """With no --shard-size, 30 images make 8 shards (so every core gets work), and a re-run resumes all 8."""
+    options = {"source": str(demo_root), "output": str(tmp_path / "auto"), "limit": 30, "pca_k": 5,
+               "cache_dir": cache_dir, "quiet": True}
+    result = run(build_config({}, options))
+    assert result.shards_total == 8 and result.images_ok == 30
+    resolved = yaml.safe_load((Path(result.output) / "config.yaml").read_text())
+    assert resolved["shard_size"] == 4
+    assert run(build_config({}, options)).shards_resumed == 8
+    assert run(build_config({}, {**options, "shard_size": 4})).shards_resumed == 8
+
+
+def test_auto_shard_size_depends_on_the_image_count_alone():
+    from fruitpipe.config import auto_shard_size
+
+    assert [auto_shard_size(n) for n in (1, 7, 8, 600, 8192, 8193, 67_692)] == [1, 1, 1, 75, 1024, 1024, 1024]
