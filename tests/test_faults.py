@@ -85,13 +85,21 @@ def uninterrupted(kill_source, spark, cache_dir, tmp_path_factory):
     return output
 
 
-def _kill_at(process: subprocess.Popen, out: Path, moment: tuple[int, int] | str, rng: random.Random) -> None:
-    """Wait for a seeded moment of the run: early start-up, a number of shards done drawn from (low, high), or
-    all shards done (the run is then fitting the PCA or writing outputs)."""
+def _kill_at(process: subprocess.Popen, out: Path, moment: tuple[int, int] | str, rng: random.Random,
+             done_before: int) -> None:
+    """Wait for a seeded moment of the run: early start-up (before its first shard), a number of shards done drawn
+    from (low, high), or all shards done (the run is then fitting the PCA or writing outputs). Every moment but
+    start-up waits until this run itself has done a shard, or (all shards done before it) has started its Spark
+    workers: a fast earlier attempt must not let a kill land before this one's Spark has started."""
     if moment == "startup":
-        time.sleep(rng.uniform(0.5, 6.0))
+        started, delay = time.monotonic(), rng.uniform(0.5, 6.0)
+        _wait_until(lambda: time.monotonic() - started > delay or _done_shards(out) > done_before
+                    or process.poll() is not None, 60, "start-up")
+    elif done_before >= SHARDS:
+        _wait_until(lambda: len(_session_members(process.pid)) >= 4 or process.poll() is not None, 240,
+                    "Spark workers of a run with every shard done")
     else:
-        target = SHARDS if moment == "finish" else rng.randint(*moment)
+        target = SHARDS if moment == "finish" else max(rng.randint(*moment), done_before + 1)
         _wait_until(lambda: _done_shards(out) >= target or process.poll() is not None, 240, f"{target} shards")
         time.sleep(rng.uniform(0.0, 1.5 if moment == "finish" else 0.4))
     assert process.poll() is None, f"the run ended by itself (exit {process.returncode}) before the {moment} kill"
@@ -105,10 +113,11 @@ def _kill_and_resume(source: Path, out: Path, cache_dir: str, moments: list, see
     command = _cli("run", str(source), str(out), *KILL_SETTINGS, "--cache-dir", cache_dir)
     done_at_kill = []
     for number, moment in enumerate(moments):
+        done_before = _done_shards(out)
         process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
-            _kill_at(process, out, moment, rng)
+            _kill_at(process, out, moment, rng, done_before)
             done_at_kill.append(_done_shards(out))
             running = _session_members(process.pid)
             if moment != "startup":
