@@ -18,12 +18,9 @@ import pandas as pd
 import pytest
 
 from tests.support.spark_cluster import HOST, SparkCluster
+from tests.test_s3 import assert_pca_equal, vectors
 
 pytestmark = pytest.mark.cluster
-
-
-def _vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
-    return np.stack(frame[column].to_numpy()).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +62,8 @@ def test_cluster_run_equals_the_local_run(cluster_run, finished_run):
     local = finished_run.features().set_index("image_id").sort_index()
     assert list(remote.index) == list(local.index)
     assert list(remote["path"]) == list(local["path"]) and list(remote["label"]) == list(local["label"])
-    np.testing.assert_allclose(_vectors(remote, "features"), _vectors(local, "features"), atol=1e-5)
-
-    remote_pca = pd.read_parquet(output / "pca").set_index("image_id").sort_index()
-    local_pca = finished_run.pca().set_index("image_id").sort_index()
-    a, b = _vectors(remote_pca, "pca"), _vectors(local_pca, "pca")
-    signs = np.where(np.sum(a * b, axis=0) < 0, -1.0, 1.0).astype(np.float32)
-    np.testing.assert_allclose(a * signs, b, atol=1e-4)
+    np.testing.assert_allclose(vectors(remote, "features"), vectors(local, "features"), atol=1e-5)
+    assert_pca_equal(pd.read_parquet(output / "pca"), finished_run.pca(), atol=1e-4)
 
     manifest = json.loads((output / "manifest.json").read_text())
     local_manifest = json.loads((Path(finished_run.output) / "manifest.json").read_text())

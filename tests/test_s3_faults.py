@@ -4,6 +4,7 @@ one stops the run with one clear line, and the same command afterwards resumes a
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -199,11 +201,23 @@ def _assert_complete_and_equal(client, output: str, finished_run) -> None:
     np.testing.assert_allclose(vectors(remote, "features"), vectors(local, "features"), atol=1e-5)
 
 
+@contextlib.contextmanager
+def _run_past_first_shard(store, output: str, cache_dir: str) -> Iterator[subprocess.Popen[str]]:
+    """A run through the proxy, once it has finished a shard; afterwards the proxy passes and the run is gone."""
+    moto, client, proxy = store
+    process = _start_run(moto, proxy, output, cache_dir)
+    try:
+        _wait_for_first_shard(client, process, output)
+        yield process
+    finally:
+        proxy.set_mode("pass")
+        if process.poll() is None:
+            process.kill()
+
+
 def test_a_short_outage_is_retried_and_the_run_completes(store, cache_dir, finished_run):
     moto, client, proxy = store
-    process = _start_run(moto, proxy, "runs/short-outage", cache_dir)
-    try:
-        _wait_for_first_shard(client, process, "runs/short-outage")
+    with _run_past_first_shard(store, "runs/short-outage", cache_dir) as process:
         proxy.set_mode("503")
         time.sleep(2)
         proxy.set_mode("reset")
@@ -211,10 +225,6 @@ def test_a_short_outage_is_retried_and_the_run_completes(store, cache_dir, finis
         faults = proxy.faults
         proxy.set_mode("pass")
         stdout, stderr = process.communicate(timeout=600)
-    finally:
-        proxy.set_mode("pass")
-        if process.poll() is None:
-            process.kill()
     assert faults > 0, "the outage hit no request"
     assert process.returncode == 0, stderr[-4000:]
     assert "images: 72 ok, 0 failed of 72 listed (9 shards, 0 resumed)" in stdout
@@ -223,15 +233,9 @@ def test_a_short_outage_is_retried_and_the_run_completes(store, cache_dir, finis
 
 def test_a_long_outage_stops_the_run_with_one_line_and_the_next_run_resumes(store, cache_dir, finished_run):
     moto, client, proxy = store
-    process = _start_run(moto, proxy, "runs/long-outage", cache_dir)
-    try:
-        _wait_for_first_shard(client, process, "runs/long-outage")
+    with _run_past_first_shard(store, "runs/long-outage", cache_dir) as process:
         proxy.set_mode("reset")
         _, stderr = process.communicate(timeout=600)
-    finally:
-        proxy.set_mode("pass")
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 2, stderr[-4000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("fruitpipe: error: storage unreachable: s3://") and last.endswith(
