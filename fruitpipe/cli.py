@@ -48,8 +48,10 @@ def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="a Spark setting (repeatable)")
     group.add_argument("--threads-per-task", type=_positive_int, metavar="N",
                        help="ONNX Runtime threads per Spark task; keep tasks x threads <= cores (default 1)")
-    group.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per inference batch (default 2: small batches stay in the CPU cache)")
-    group.add_argument("--shard-size", type=_positive_int, metavar="N", help="images per shard, the unit of a task and of resume (default: up to 1024, "
+    group.add_argument("--batch-size", type=_positive_int, metavar="N",
+                       help="images per inference batch (default 2: small batches stay in the CPU cache)")
+    group.add_argument("--shard-size", type=_positive_int, metavar="N",
+                       help="images per shard, the unit of a task and of resume (default: up to 1024, "
                             "at least 8 shards)")
     group.add_argument("--read-timeout", type=float, dest="read_timeout_s", metavar="SECONDS",
                        help="give up on one image after this long reading + decoding (default 60)")
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--image-size", type=_positive_int, metavar="PX", help="input side (default: the model's)")
     model.add_argument("--precision", choices=["fp32", "int8"],
                        help="int8: ONNX Runtime static quantization calibrated on 64 of the run's images; "
-                            "about 3x faster inference on CPUs with VNNI, features close to fp32 (default fp32)")
+                            "1.8x the fp32 inference speed on 2 AVX-512 VNNI cores (BENCHMARKS.md), features "
+                            "close to fp32 (default fp32)")
     model.add_argument("--pca-k", type=_positive_int, metavar="K", help="PCA components to keep (default 50)")
     model.add_argument("--pca-variance", type=float, metavar="FRACTION",
                        help="keep the fewest components reaching this explained variance, e.g. 0.95")

@@ -56,7 +56,7 @@ class RunConfig:
     image_size: int | None = None
     precision: str = "fp32"
     # Small batches keep a 224 px CNN's activations in the CPU cache: on 2 EPYC cores ONNX Runtime runs
-    # EfficientNet-Lite0 at 322 img/s with batch 2 and 204 img/s with batch 32 (BENCHMARKS.md).
+    # EfficientNet-Lite0 at 368 img/s with batch 2 and 233 img/s with batch 32 (BENCHMARKS.md).
     batch_size: int = 2
     # None: auto_shard_size() of the selected image count.
     shard_size: int | None = None
