@@ -20,7 +20,15 @@ PROJECT_TAG = ("project", "fruitpipe")
 
 _REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_RELEASE = re.compile(r"^emr-(7\.\d+\.\d+|spark-8\.\d+\.\d+)$")
+_RELEASE = re.compile(r"^emr-(?:7\.(?P<minor>\d+)\.\d+|spark-8\.\d+\.\d+)$")
+
+# The newest EMR 7.x release: Spark 3.5.6-amzn-2, Python 3.9 and 3.11 on Amazon Linux 2023, released 2026-04-21.
+# Source: EMR Release Guide, "Amazon EMR release 7.13.0" (emr-7130-release.html) and "Spark release history"
+# (Spark-release-history.html), read 2026-11. emr-spark-8.0.0 (Spark 4.0.2, Python 3.11-3.13) is the Spark 4 line.
+DEFAULT_RELEASE = "emr-7.13.0"
+# emr-7.0.0 ships Python 3.9 only; every release from emr-7.1.0 on also ships python3.11, which the nodes need
+# (Release Guide, "Application versions in Amazon EMR 7.x releases", emr-release-app-versions-7.x.html).
+FIRST_7X_MINOR_WITH_PYTHON311 = 1
 _SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9!_.*'()/-]+$")
 
@@ -36,7 +44,7 @@ class EmrConfig:
     input_prefix: str = "fruitpipe/input"
     output_prefix: str = "fruitpipe/output"
     logs_prefix: str = "fruitpipe/logs"
-    release_label: str = "emr-7.5.0"
+    release_label: str = DEFAULT_RELEASE
     cluster_name: str = "fruitpipe"
     master_instance_type: str = "m5.xlarge"
     master_instance_count: int = 1
@@ -146,9 +154,14 @@ def _validate(c: EmrConfig) -> None:
         prefix = getattr(c, name)
         if not prefix or not _PREFIX.match(prefix) or ".." in prefix.split("/") or "//" in prefix:
             raise FruitpipeError(f"emr.{name} {prefix!r} must be a non-empty key prefix such as fruitpipe/code")
-    if not _RELEASE.match(c.release_label):
-        raise FruitpipeError(f"emr.release_label {c.release_label!r} must be an EMR 7.x release such as emr-7.5.0 "
-                             "(or an emr-spark-8.x release)")
+    release = _RELEASE.match(c.release_label)
+    if not release:
+        raise FruitpipeError(f"emr.release_label {c.release_label!r} must be an EMR 7.x release such as "
+                             f"{DEFAULT_RELEASE} (or an emr-spark-8.x release such as emr-spark-8.0.0)")
+    if release["minor"] is not None and int(release["minor"]) < FIRST_7X_MINOR_WITH_PYTHON311:
+        raise FruitpipeError(f"emr.release_label {c.release_label} ships Python 3.9 only and fruitpipe's nodes need "
+                             f"python3.11: use emr-7.{FIRST_7X_MINOR_WITH_PYTHON311}.0 or newer "
+                             f"(default {DEFAULT_RELEASE})")
     for name in ("master_instance_type", "core_instance_type"):
         if getattr(c, name) not in INSTANCE_TYPES:
             raise FruitpipeError(f"emr.{name} {getattr(c, name)!r} is not one fruitpipe can size and price; "
