@@ -17,9 +17,21 @@ from .instances import INSTANCE_TYPES
 
 # Provisioning plus the bootstrap pip install, billed before the first image is read.
 DEFAULT_STARTUP_MINUTES = 12.0
-# Images per second per executor vCPU: an assumption for EfficientNet-Lite0 on ONNX Runtime with one
-# thread per task; measure your own with the benchmark and pass --throughput.
-DEFAULT_THROUGHPUT = 10.0
+# Measured: BENCHMARKS.md, 2026-11-28, FULL run (67,692 images) end to end, 259.7 img/s on 2 AMD EPYC cores
+# (1 thread per core), efficientnet_lite0 fp32, batch 2, one single-threaded ONNX Runtime task per core.
+# End to end (listing, decoding, writing and the PCA included) rather than the inference ceiling, because a run
+# pays for all of it.
+MEASURED_IMAGES_PER_CORE_S = 259.7 / 2  # = 129.85
+MEASURED_ON = "BENCHMARKS.md, 2026-11-28: FULL run end to end on 2 AMD EPYC cores, efficientnet_lite0 fp32"
+# An EMR m5/c5/r5 vCPU is one hyperthread: two of them share a physical core, and two compute-bound ONNX
+# Runtime tasks on one core do well under twice the work of one. Executors also read every image from S3
+# (one request per small JPEG) where the benchmark read a local disk. Half the measured per-core rate covers both.
+SAFETY_FACTOR = 0.5
+# Images per second per executor vCPU that estimates assume; pass --throughput with your own measurement.
+DEFAULT_THROUGHPUT = MEASURED_IMAGES_PER_CORE_S * SAFETY_FACTOR
+
+# `fruitpipe emr audit --costs` asks Cost Explorer for this many days before today.
+COST_EXPLORER_DAYS = 30
 
 EXCLUDED = "excludes S3 storage and requests, data transfer, EBS volumes and taxes"
 
@@ -46,6 +58,8 @@ class Rate:
 class Estimate:
     images: int
     throughput: float
+    # True when ``throughput`` is DEFAULT_THROUGHPUT, derived from the benchmark, rather than the user's figure.
+    measured: bool
     executor_vcpus: int
     compute_h: float
     startup_h: float
@@ -85,13 +99,18 @@ def hourly_rate(groups: Iterable[NodeGroup]) -> Rate:
     return Rate(ec2, emr)
 
 
-def estimate(config: EmrConfig, images: int, throughput: float = DEFAULT_THROUGHPUT,
+def estimate(config: EmrConfig, images: int, throughput: float | None = None,
              startup_minutes: float = DEFAULT_STARTUP_MINUTES) -> Estimate:
-    """Cost of processing ``images`` on the configured cluster at ``throughput`` images/s per executor vCPU."""
+    """Cost of processing ``images`` on the configured cluster at ``throughput`` images/s per executor vCPU.
+
+    Without ``throughput`` the measured rate times the safety factor is used (DEFAULT_THROUGHPUT).
+    """
+    measured = throughput is None
+    throughput = DEFAULT_THROUGHPUT if throughput is None else throughput
     if images < 0 or throughput <= 0 or startup_minutes < 0:
         raise FruitpipeError("images and start-up minutes must be >= 0 and throughput > 0")
     vcpus = INSTANCE_TYPES[config.core_instance_type].vcpus * config.core_instance_count
-    return Estimate(images=images, throughput=throughput, executor_vcpus=vcpus,
+    return Estimate(images=images, throughput=throughput, measured=measured, executor_vcpus=vcpus,
                     compute_h=images / (throughput * vcpus) / 3600, startup_h=startup_minutes / 60,
                     idle_h=config.idle_timeout_s / 3600, rate=hourly_rate(node_groups(config)))
 
@@ -100,17 +119,24 @@ def usd_to_eur(usd: float) -> float:
     return usd * prices.EUR_PER_USD
 
 
-def money(usd: float) -> str:
-    """'$1.23 (€1.06)' at the table's fixed rate."""
-    return f"${usd:,.2f} (€{usd_to_eur(usd):,.2f})"
+def money(usd: float, digits: int = 2) -> str:
+    """'$1.23 (€1.06)': the table's US dollars, and euros at its fixed rate."""
+    return f"${usd:,.{digits}f} (€{usd_to_eur(usd):,.{digits}f})"
 
 
 def per_10k(usd: float, images: int) -> str:
-    return f"${usd / images * 10_000:,.4f} per 10k images" if images else "no images given"
+    return f"{money(usd / images * 10_000, 4)} per 10k images" if images else "no images given"
+
+
+def hours(h: float) -> str:
+    """'1.25 h (1:15)': decimal hours for the arithmetic, h:mm to read."""
+    minutes = round(h * 60)
+    return f"{h:.2f} h ({minutes // 60}:{minutes % 60:02d})"
 
 
 def price_note(region: str) -> str:
-    note = f"on-demand prices of {prices.REGION} as of {prices.AS_OF}; {EXCLUDED}"
+    note = (f"on-demand prices of {prices.REGION} in USD as of {prices.AS_OF}, € at the table's fixed "
+            f"{prices.EUR_PER_USD:g} €/$; {EXCLUDED}")
     if region != prices.REGION:
         note += f"; the cluster is in {region}, whose prices differ"
     return note
@@ -122,8 +148,11 @@ def format_estimate(config: EmrConfig, e: Estimate) -> str:
         f"cluster: {config.master_instance_count} x {config.master_instance_type} master + "
         f"{config.core_instance_count} x {config.core_instance_type} core"
         + (" (spot: the EC2 part is an on-demand upper bound)" if config.spot else ""),
-        f"work: {e.images:,} images at {e.throughput:g} images/s per vCPU on {e.executor_vcpus} executor vCPUs "
-        f"= {e.compute_h:.2f} h, plus {e.startup_h:.2f} h start-up",
+        f"speed: {e.throughput:.1f} images/s per executor vCPU" + (
+            f" (measured {MEASURED_IMAGES_PER_CORE_S:.2f} per core x safety factor {SAFETY_FACTOR:g}; {MEASURED_ON})"
+            if e.measured else " (--throughput)"),
+        f"time: {e.images:,} images on {e.executor_vcpus} executor vCPUs = {hours(e.compute_h)}, plus "
+        f"{hours(e.startup_h)} start-up",
         f"rate: ${e.rate.total:.3f}/h (EC2 ${e.rate.ec2:.3f} + EMR ${e.rate.emr:.3f})",
         f"with `fruitpipe emr down` right after the run: {money(e.usd_if_downed)}, "
         f"{per_10k(e.usd_if_downed, e.images)}",
