@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gzip
 import io
 import json
@@ -15,6 +16,8 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
+import urllib.request
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -26,7 +29,9 @@ import pytest
 import yaml
 
 from fruitpipe.cloud import bootstrap, cli, client, commands, cost, prices, specs
-from fruitpipe.cloud.config import EmrConfig, load_emr_config
+from fruitpipe.cloud import audit as audit_module
+from fruitpipe.cloud.client import AwsError
+from fruitpipe.cloud.config import DEFAULT_RELEASE, EmrConfig, load_emr_config
 from fruitpipe.cloud.instances import INSTANCE_TYPES
 from fruitpipe.errors import FruitpipeError
 from tests.support.moto_server import MotoServer
@@ -233,7 +238,7 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
     tags = {t["Key"]: t["Value"] for t in cluster["Tags"]}
     assert tags == {"project": "fruitpipe", "owner": "data-team"}
     assert cluster["VisibleToAllUsers"] is True and cluster["LogUri"] == f"s3://{bucket}/fruitpipe/logs/"
-    assert cluster["ReleaseLabel"] == "emr-7.5.0" and cluster["Name"] == name
+    assert cluster["ReleaseLabel"] == DEFAULT_RELEASE and cluster["Name"] == name
     spark_defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")
     assert spark_defaults["Properties"]["spark.executorEnv.OMP_NUM_THREADS"] == "1"
     assert spark_defaults["Properties"]["spark.pyspark.python"] == specs.NODE_PYTHON
@@ -305,7 +310,7 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
 
     result = emr("cost", "--cluster", cluster_id, "--images", "10000")
     assert result.rc == 0 and "in total" in result.out
-    assert re.search(r"cost: \$\d+\.\d\d \(€\d+\.\d\d\), \$\d+\.\d+ per 10k images", result.out)
+    assert re.search(r"cost: \$\d+\.\d\d \(€\d+\.\d\d\), \$\d+\.\d{4} \(€\d+\.\d{4}\) per 10k images", result.out)
 
     objects = [s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
                for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
@@ -385,6 +390,34 @@ def test_submit_refuses_a_bucket_in_another_region_unless_allowed(setup, moto, t
     assert result.rc == 0, result.err
 
 
+def test_upload_offline_puts_the_wheelhouse_beside_the_wheel(setup, moto, tmp_path, monkeypatch):
+    emr, bucket, _ = setup
+    packed = []
+
+    def fake_pack(pins, dest, platforms=bootstrap.NODE_PLATFORMS):
+        # The real download is exercised by tests/test_emr_bootstrap.py; here only where it goes matters.
+        packed.append(platforms)
+        dest.mkdir(parents=True)
+        with tarfile.open(dest / bootstrap.WHEELHOUSE_NAME, "w") as tar:
+            tar.add(ROOT / "requirements.lock", arcname="placeholder.whl")
+        return dest / bootstrap.WHEELHOUSE_NAME
+
+    monkeypatch.setattr(commands, "pack_wheelhouse", fake_pack)
+    wheel = tmp_path / "fruitpipe-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK fake wheel")
+    result = emr("upload", "--offline", "--wheel", str(wheel))
+    assert result.rc == 0, result.err
+    code = f"s3://{bucket}/fruitpipe/code/"
+    assert result.out.split() == [f"{code}{wheel.name}", f"{code}wheelhouse.tar", f"{code}bootstrap.sh",
+                                  f"{code}run.yaml"]
+    assert packed == [bootstrap.NODE_PLATFORMS]
+    s3 = moto.client("s3")
+    tar_bytes = s3.get_object(Bucket=bucket, Key="fruitpipe/code/wheelhouse.tar")["Body"].read()
+    assert tarfile.open(fileobj=io.BytesIO(tar_bytes)).getnames() == ["placeholder.whl"]
+    script = s3.get_object(Bucket=bucket, Key="fruitpipe/code/bootstrap.sh")["Body"].read().decode()
+    assert f"aws s3 cp --only-show-errors {code}wheelhouse.tar" in script and "--no-index" in script
+
+
 def test_up_without_uploaded_code_is_refused(setup):
     emr, bucket, _ = setup
     result = emr("up")
@@ -418,6 +451,117 @@ def test_audit_lists_what_bills_and_deletes_nothing(setup, moto):
     states = [i["State"]["Name"] for r in ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"]
               for i in r["Instances"]]
     assert states == ["running"]
+
+
+def plant_billables(moto: MotoServer, region: str) -> dict[str, str]:
+    """One of each resource the original study's aws_audit.sh looked for, made directly on the server."""
+    ec2, name = moto.client("ec2", region), unique("fp")
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24", AvailabilityZone=f"{region}{zone}")
+               ["Subnet"]["SubnetId"] for i, zone in enumerate("ab")]
+    allocation = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    volume = ec2.create_volume(AvailabilityZone=f"{region}a", Size=8)["VolumeId"]
+    moto.client("rds", region).create_db_instance(
+        DBInstanceIdentifier=name, DBInstanceClass="db.t3.micro", Engine="postgres", AllocatedStorage=20,
+        MasterUsername="fruit", MasterUserPassword="not-a-secret-0")
+    moto.client("elbv2", region).create_load_balancer(Name=name, Subnets=subnets)
+    moto.client("elb", region).create_load_balancer(
+        LoadBalancerName=f"{name}-classic", AvailabilityZones=[f"{region}a"],
+        Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstancePort": 80}])
+    return {
+        "nat": ec2.create_nat_gateway(SubnetId=subnets[0], AllocationId=allocation)["NatGateway"]["NatGatewayId"],
+        "snapshot": ec2.create_snapshot(VolumeId=volume)["SnapshotId"],
+        "load balancer": f"{name} (application)",
+        "classic load balancer": f"{name}-classic (classic)",
+        "rds": f"{name} db.t3.micro postgres",
+        "efs": moto.client("efs", region).create_file_system(CreationToken=name)["FileSystemId"],
+    }
+
+
+def audit_by_region(out: str) -> dict[str, str]:
+    """The audit's output cut into one block of text per region header line (``eu-west-1:``)."""
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if re.fullmatch(r"[a-z]{2}(-gov)?-[a-z]+-\d:", line):
+            current = line[:-1]
+            blocks[current] = []
+        elif current and line.startswith("  "):
+            blocks[current].append(line)
+        else:
+            current = None
+    return {region: "\n".join(lines) for region, lines in blocks.items()}
+
+
+def test_audit_all_regions_with_costs_lists_what_the_original_audit_did(setup, moto, sent):
+    emr, _, _ = setup
+    planted = {region: plant_billables(moto, region) for region in ("eu-west-1", "us-east-1")}
+    # moto answers GetCostAndUsage with what this queue holds (nothing by default, like an account without
+    # usage); two monthly periods, as the 30 days before today usually span two calendar months.
+    spend = {"results": [{"ResultsByTime": [
+        {"TimePeriod": {"Start": "2026-10-31", "End": "2026-11-01"}, "Total": {}, "Estimated": False, "Groups": [
+            {"Keys": ["Amazon Elastic Compute Cloud - Compute"],
+             "Metrics": {"UnblendedCost": {"Amount": "1.50", "Unit": "USD"}}}]},
+        {"TimePeriod": {"Start": "2026-11-01", "End": "2026-11-30"}, "Total": {}, "Estimated": True, "Groups": [
+            {"Keys": ["Amazon Elastic Compute Cloud - Compute"],
+             "Metrics": {"UnblendedCost": {"Amount": "40.25", "Unit": "USD"}}},
+            {"Keys": ["Amazon Elastic MapReduce"], "Metrics": {"UnblendedCost": {"Amount": "9.1", "Unit": "USD"}}},
+        ]}]}]}
+    request = urllib.request.Request(f"{moto.url}/moto-api/static/ce/cost-and-usage-results",
+                                     data=json.dumps(spend).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201
+
+    result = emr("audit", "--all-regions", "--costs")
+    assert result.rc == 0, result.err
+    assert "Traceback" not in result.out + result.err
+    blocks = audit_by_region(result.out)
+    assert {"eu-west-1", "us-east-1", "eu-central-1"} <= set(blocks)
+    for region, resources in planted.items():
+        other = blocks["us-east-1" if region == "eu-west-1" else "eu-west-1"]
+        for kind, resource in resources.items():
+            assert resource in blocks[region], (kind, region)
+            assert resource not in other, (kind, region)
+    assert "NAT gateways (billed by the hour): " in blocks["eu-west-1"]
+    assert re.search(r"Amazon Elastic Compute Cloud - Compute +41\.75 USD", result.out)
+    assert re.search(r"Amazon Elastic MapReduce +9\.10 USD", result.out)
+    assert re.search(r"total +50\.85 USD", result.out)
+    cost_requests = [r for r in sent if r.operation == "GetCostAndUsage"]
+    assert len(cost_requests) == 1 and cost_requests[0].signing_region == "us-east-1"
+    assert cost_requests[0].params["GroupBy"] == [{"Type": "DIMENSION", "Key": "SERVICE"}]
+    period = cost_requests[0].params["TimePeriod"]
+    assert (date.fromisoformat(period["End"]) - date.fromisoformat(period["Start"])).days == 30
+    assert not [r for r in sent if not r.operation.startswith(("Describe", "List", "Get", "HeadBucket"))]
+
+
+def test_audit_says_what_it_could_not_read_and_carries_on(setup, moto, monkeypatch):
+    emr, _, _ = setup
+    planted = plant_billables(moto, "eu-west-1")
+
+    def denied(service: str, operation: str, code: str, message: str):
+        def read(aws, account):
+            raise AwsError(service, operation, code, message)
+        return read
+
+    sections = [dataclasses.replace(s, read=denied("rds", "DescribeDBInstances", "AccessDenied", "not allowed"))
+                if s.title == "RDS instances" else s for s in audit_module.SECTIONS]
+    monkeypatch.setattr(audit_module, "SECTIONS", tuple(sections))
+    def cost_explorer_off(aws, request):
+        # Accounts that never enabled Cost Explorer answer like this; moto always answers, so it is injected.
+        raise AwsError("ce", "GetCostAndUsage", "AccessDeniedException", "User not enabled for cost explorer access")
+
+    monkeypatch.setattr(audit_module, "_costs_per_service", cost_explorer_off)
+
+    result = emr("audit", "--costs")
+    assert result.rc == 0, result.err
+    assert "  RDS instances: not readable (AccessDenied: these credentials lack rds:DescribeDBInstances)" in result.out
+    assert planted["rds"] not in result.out
+    for kind in ("nat", "snapshot", "load balancer", "efs"):
+        assert planted[kind] in result.out, kind
+    assert re.search(r"\(Cost Explorer, unblended\): not available \(AccessDeniedException\): the credentials "
+                     r"need ce:GetCostAndUsage, and Cost Explorer must be enabled", result.out)
+    assert "Traceback" not in result.out + result.err
 
 
 def test_check_without_credentials_says_so(moto, monkeypatch, capsys, tmp_path):
@@ -483,7 +627,7 @@ def test_errors_are_one_line_with_exit_status_2(capsys, tmp_path):
 def test_config_defaults_yaml_and_overrides(tmp_path):
     default = load_emr_config(None, {})
     assert (default.region, default.idle_timeout_s, default.allow_other_region) == ("eu-west-1", 3600, False)
-    assert default.release_label.startswith("emr-7.")
+    assert default.release_label == "emr-7.13.0"
     path = write_config(tmp_path / "c.yaml", bucket="fruit-photos", core_instance_count=4, spot=True,
                         input_prefix="/photos/in/", tags={"team": "vision", "cost-centre": 42})
     config = load_emr_config(str(path), {"core_instance_count": 6, "bucket": None})
@@ -505,6 +649,8 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     ({"idle_timeout_s": 30}, "between 60 s and 604800 s"),
     ({"core_instance_type": "t2.micro"}, "not one fruitpipe can size and price"),
     ({"release_label": "emr-6.15.0"}, "EMR 7.x release"),
+    ({"release_label": "emr-7.0.0"}, "ships Python 3.9 only and fruitpipe's nodes need python3.11: use emr-7.1.0"),
+    ({"release_label": "emr-spark-8.0"}, "emr-spark-8.x release"),
     ({"tags": {"project": "other"}}, "must not set 'project'"),
     ({"subnet": "my-subnet"}, "subnet id"),
     ({"kms_key_id": "alias/fruit"}, "key id or key ARN"),
@@ -513,6 +659,17 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
 def test_config_errors_are_clear(tmp_path, emr, message):
     with pytest.raises(FruitpipeError, match=re.escape(message)):
         load_emr_config(str(write_config(tmp_path / "c.yaml", **emr)), {})
+
+
+def test_release_labels_spark_3_5_and_4_are_accepted_older_ones_refused_in_one_line(capsys, tmp_path):
+    for label in ("emr-7.13.0", "emr-7.1.0", "emr-spark-8.0.0"):
+        assert load_emr_config(None, {"release_label": label}).release_label == label
+    spark4 = load_emr_config(None, {"release_label": "emr-spark-8.0.0", "bucket": "fruit-photos"})
+    assert specs.cluster_request(spark4)["ReleaseLabel"] == "emr-spark-8.0.0"
+    for label, reason in (("emr-7.0.0", "ships Python 3.9 only"), ("emr-6.15.0", "must be an EMR 7.x release")):
+        assert cli.main(["emr", "up", "--dry-run", "--bucket", "fruit-photos", "--release-label", label]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and reason in err and "Traceback" not in err
 
 
 def test_config_file_problems(tmp_path):
@@ -603,6 +760,35 @@ def test_price_table_covers_every_sizable_instance_type():
     assert all(ec2 > emr > 0 for ec2, emr in prices.USD_PER_HOUR.values())
 
 
+def test_default_throughput_is_the_benchmarked_rate_with_its_safety_factor():
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "**2 cores**" in benchmarks and "**259.7 img/s" in benchmarks and "| date | 2026-11-28 |" in benchmarks
+    assert cost.MEASURED_IMAGES_PER_CORE_S == pytest.approx(259.7 / 2)
+    assert 0 < cost.SAFETY_FACTOR < 1
+    assert cost.DEFAULT_THROUGHPUT == pytest.approx(129.85 * cost.SAFETY_FACTOR)
+    config = load_emr_config(None, {"core_instance_count": 2})
+    e = cost.estimate(config, images=90_000)
+    assert e.measured and e.throughput == cost.DEFAULT_THROUGHPUT
+    assert e.compute_h == pytest.approx(90_000 / (cost.DEFAULT_THROUGHPUT * 8) / 3600)
+    assert not cost.estimate(config, images=90_000, throughput=10).measured
+
+
+def test_cost_cli_prints_time_cost_and_cost_per_10k_images_in_both_currencies(capsys):
+    assert cli.main(["emr", "cost", "--images", "90000"]) == 0
+    out = capsys.readouterr().out
+    assert "speed: 64.9 images/s per executor vCPU (measured 129.85 per core x safety factor 0.5; BENCHMARKS.md" in out
+    config = load_emr_config(None, {})
+    e = cost.estimate(config, images=90_000)
+    minutes = round(e.compute_h * 60)
+    assert f"time: 90,000 images on 8 executor vCPUs = {e.compute_h:.2f} h (0:{minutes:02d}), plus 0.20 h (0:12)" in out
+    usd = e.usd_if_downed
+    eur = usd * prices.EUR_PER_USD
+    assert (f"right after the run: ${usd:.2f} (€{eur:.2f}), ${usd / 9:.4f} (€{eur / 9:.4f}) per 10k images") in out
+    assert f"in USD as of {prices.AS_OF}, € at the table's fixed {prices.EUR_PER_USD:g} €/$" in out
+    assert cli.main(["emr", "cost", "--images", "90000", "--throughput", "10"]) == 0
+    assert "speed: 10.0 images/s per executor vCPU (--throughput)" in capsys.readouterr().out
+
+
 def test_cost_estimate_arithmetic():
     config = load_emr_config(None, {"core_instance_count": 2, "idle_timeout_s": 3600})
     e = cost.estimate(config, images=288_000, throughput=10, startup_minutes=12)
@@ -613,7 +799,8 @@ def test_cost_estimate_arithmetic():
     assert e.usd_if_downed == pytest.approx(1.2 * 3 * (ec2 + emr))
     assert e.usd_if_idle == pytest.approx(2.2 * 3 * (ec2 + emr))
     assert cost.usd_to_eur(10) == pytest.approx(10 * prices.EUR_PER_USD)
-    assert cost.per_10k(2.0, 20_000) == "$1.0000 per 10k images"
+    assert cost.per_10k(2.0, 20_000) == f"$1.0000 (€{prices.EUR_PER_USD:.4f}) per 10k images"
+    assert cost.hours(1.25) == "1.25 h (1:15)"
     text = cost.format_estimate(config, e)
     assert "288,000 images" in text and "1.00 h" in text and prices.AS_OF in text
     with pytest.raises(FruitpipeError, match="no price for x9.huge"):
@@ -652,6 +839,39 @@ def test_bootstrap_script_installs_the_locked_pins():
     assert "\ncp /tmp/dist/fruitpipe-0.1.0-py3-none-any.whl" in local and "aws s3" not in local
     with pytest.raises(FruitpipeError, match="not a wheel"):
         bootstrap.render_bootstrap(pins, "s3://b/fruitpipe.tar.gz")
+    assert "dnf install -y -q python3.11 python3.11-pip" in script
+    assert "--no-index" not in script and "wheelhouse" not in script
+
+
+def test_offline_bootstrap_installs_from_the_wheelhouse_with_no_index():
+    pins = bootstrap.executor_pins(ROOT)
+    script = bootstrap.render_bootstrap(pins, "s3://fruit-photos/code/fruitpipe-0.1.0-py3-none-any.whl",
+                                        wheelhouse_source="s3://fruit-photos/code/wheelhouse.tar")
+    assert 'aws s3 cp --only-show-errors s3://fruit-photos/code/wheelhouse.tar "$ROOT/wheelhouse.tar"' in script
+    installs = [line for line in script.splitlines() if "-m pip install" in line]
+    assert len(installs) == 2 and all('--no-index --find-links "$ROOT/wheelhouse"' in line for line in installs)
+    assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
+    local = bootstrap.render_bootstrap(pins, "/tmp/dist/fruitpipe-0.1.0-py3-none-any.whl",
+                                       wheelhouse_source="/tmp/dist/wheelhouse.tar")
+    assert '\ncp /tmp/dist/wheelhouse.tar "$ROOT/wheelhouse.tar"' in local and "aws s3" not in local
+    with pytest.raises(FruitpipeError, match="not a wheelhouse"):
+        bootstrap.render_bootstrap(pins, "/tmp/dist/fruitpipe-0.1.0-py3-none-any.whl", wheelhouse_source="/tmp/w/")
+
+
+def test_wheelhouse_download_targets_the_nodes_python_and_platform(tmp_path):
+    pins = bootstrap.executor_pins(ROOT)
+    command = bootstrap.wheelhouse_command(pins, tmp_path / "c.txt", tmp_path / "w")
+    joined = " ".join(command)
+    assert command[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in command
+    assert "--python-version 3.11 --implementation cp" in joined and f"-c {tmp_path / 'c.txt'}" in joined
+    platforms = [command[i + 1] for i, word in enumerate(command) if word == "--platform"]
+    # Amazon Linux 2023 (glibc 2.34) runs manylinux2014 and every manylinux_2_x up to 2_34.
+    assert {"manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
+            "manylinux_2_34_x86_64"} <= set(platforms)
+    assert not any(p.startswith("manylinux_2_35") for p in platforms)
+    assert command[-len(pins.requirements):] == list(pins.requirements)
+    host = bootstrap.wheelhouse_command(pins, tmp_path / "c.txt", tmp_path / "w", platforms=None)
+    assert "--platform" not in host
 
 
 def test_redact_hides_every_credential(aws_env):

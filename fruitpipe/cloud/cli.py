@@ -5,6 +5,7 @@ parsers on their own (tests, or `python -m fruitpipe.cloud.cli`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 from fruitpipe.errors import FruitpipeError
 
 from . import cost, specs
-from .config import EmrConfig, load_emr_config
+from .config import DEFAULT_RELEASE, EmrConfig, load_emr_config
 
 # Command-line flags that override settings of the emr: section (flag attribute -> setting).
 _OVERRIDES = {
@@ -74,9 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("upload", _upload, "build the fruitpipe wheel and upload it with the bootstrap script and run config",
             [dry])
     p.add_argument("--wheel", type=Path, help="upload this wheel instead of building one")
+    p.add_argument("--offline", action="store_true",
+                   help="also upload the nodes' dependency wheels, so the bootstrap needs no internet access")
 
     p = add("up", _up, "start a cluster and print its id", [dry, shape, waiting])
-    p.add_argument("--release-label", help="EMR release, e.g. emr-7.5.0")
+    p.add_argument("--release-label", help=f"EMR release (default {DEFAULT_RELEASE}; emr-spark-8.0.0 for Spark 4)")
     p.add_argument("--wait", action="store_true", help="wait until the cluster is ready for steps")
 
     p = add("submit", _submit, "add a `fruitpipe run` step to the cluster and print its id", [dry, on_cluster, waiting])
@@ -106,13 +109,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = add("cost", _cost, "estimate a run's cost, or report a real cluster's cost with --cluster", [shape])
     p.add_argument("--images", type=int, help="number of images (default 10000 for an estimate)")
-    p.add_argument("--throughput", type=float, default=cost.DEFAULT_THROUGHPUT,
-                   help=f"images per second per executor vCPU (default {cost.DEFAULT_THROUGHPUT:g})")
+    p.add_argument("--throughput", type=float,
+                   help=f"images per second per executor vCPU (default {cost.DEFAULT_THROUGHPUT:.1f}: the measured "
+                        f"{cost.MEASURED_IMAGES_PER_CORE_S:.2f} per core x {cost.SAFETY_FACTOR:g}, see BENCHMARKS.md)")
     p.add_argument("--startup-minutes", type=float, default=cost.DEFAULT_STARTUP_MINUTES,
                    help=f"billed minutes before work starts (default {cost.DEFAULT_STARTUP_MINUTES:g})")
     p.add_argument("--cluster", help="report this cluster's real cost from its runtime instead of estimating")
 
-    p = add("audit", _audit, "list billable resources still alive in the region (never deletes anything)", [])
+    p = add("audit", _audit, "list billable resources still alive, per region, and what they cost "
+                             "(read only: never changes anything)", [])
+    p.add_argument("--all-regions", action="store_true", help="every region enabled for the account, not only "
+                                                                "--region")
+    p.add_argument("--costs", action="store_true",
+                   help=f"also the cost per service of the last {cost.COST_EXPLORER_DAYS} days "
+                        "(Cost Explorer, ce:GetCostAndUsage)")
     p.add_argument("--max-objects", type=int, default=100_000, help="stop counting a bucket's objects here")
 
     add("policy", _policy, "print a least-privilege IAM policy for the cluster's instance profile", [])
@@ -136,13 +146,12 @@ def _config(args: argparse.Namespace) -> EmrConfig:
     return load_emr_config(getattr(args, "config", None), overrides)
 
 
-def _commands() -> ModuleType:
+def _commands(name: str = "commands") -> ModuleType:
     """Imported on use: boto3 is a driver extra, and registering these parsers must work without it."""
     try:
-        from . import commands
+        return importlib.import_module(f"{__package__}.{name}")
     except ModuleNotFoundError as exc:
         raise FruitpipeError(f"`fruitpipe emr` needs {exc.name}: pip install 'fruitpipe[driver]'") from None
-    return commands
 
 
 def _aws(args: argparse.Namespace, config: EmrConfig) -> Any:
@@ -168,7 +177,7 @@ def _bucket_create(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().upload(config, _aws(args, config), args.wheel, getattr(args, "config", None))
+    return _commands().upload(config, _aws(args, config), args.wheel, getattr(args, "config", None), args.offline)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -221,7 +230,8 @@ def _cost(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().audit(config, _aws(args, config), args.max_objects)
+    return _commands("audit").audit(_aws(args, config), all_regions=args.all_regions, costs=args.costs,
+                                    max_objects=args.max_objects)
 
 
 def _policy(args: argparse.Namespace) -> int:

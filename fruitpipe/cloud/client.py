@@ -35,18 +35,25 @@ def new_session(region: str) -> boto3.session.Session:
 class Aws:
     """Clients for one region, with dry-run and one-line errors."""
 
-    def __init__(self, region: str, *, dry_run: bool = False, out: TextIO | None = None) -> None:
+    def __init__(self, region: str, *, dry_run: bool = False, out: TextIO | None = None,
+                 session: boto3.session.Session | None = None) -> None:
         self.region = region
         self.dry_run = dry_run
         self._out = out
-        self._session = new_session(region)
+        self._session = session or new_session(region)
         self._clients: dict[str, Any] = {}
+
+    def in_region(self, region: str) -> Aws:
+        """The same credentials in another region; sharing the session keeps each new client cheap."""
+        if region == self.region:
+            return self
+        return Aws(region, dry_run=self.dry_run, out=self._out, session=self._session)
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
             config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5},
                                             user_agent_appid="fruitpipe")
-            self._clients[service] = self._session.client(service, config=config)
+            self._clients[service] = self._session.client(service, region_name=self.region, config=config)
         return self._clients[service]
 
     def read(self, service: str, operation: str, **params: Any) -> dict[str, Any]:

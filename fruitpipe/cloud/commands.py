@@ -19,7 +19,8 @@ from typing import Any
 from fruitpipe.errors import FruitpipeError
 
 from . import cost, specs
-from .bootstrap import build_wheel, executor_pins, project_root, render_bootstrap
+from .bootstrap import (NODE_PLATFORMS, NODE_PYTHON_VERSION, build_wheel, executor_pins, pack_wheelhouse,
+                        project_root, render_bootstrap)
 from .client import Aws, AwsError
 from .config import EmrConfig
 from .instances import INSTANCE_TYPES
@@ -270,11 +271,16 @@ def split_s3(uri: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- upload, up, submit
 
 
-def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | None) -> int:
-    """Puts the fruitpipe wheel, the bootstrap script and the run config under the code prefix."""
+def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | None, offline: bool = False) -> int:
+    """Puts the fruitpipe wheel, the bootstrap script and the run config under the code prefix.
+
+    With ``offline`` it also packs the nodes' dependency wheels into one tar beside them, and the bootstrap
+    installs from that tar with no package index (nodes without internet access).
+    """
     bucket = config.require_bucket()
     ensure_bucket(config, aws)
     root = project_root()
+    pins = executor_pins(root)
     with tempfile.TemporaryDirectory(prefix="fruitpipe-upload-") as tmp:
         if wheel is None:
             info("building the fruitpipe wheel")
@@ -282,9 +288,16 @@ def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | No
         elif not wheel.is_file():
             raise FruitpipeError(f"wheel {wheel} does not exist")
         wheel_uri = config.uri(config.code_prefix, wheel.name)
-        script = render_bootstrap(executor_pins(root), wheel_uri)
-        files = [(wheel_uri, wheel.read_bytes(), "application/zip"),
-                 (config.uri(config.code_prefix, specs.BOOTSTRAP_NAME), script.encode(), "text/x-shellscript")]
+        files = [(wheel_uri, wheel.read_bytes(), "application/zip")]
+        wheelhouse_uri = None
+        if offline:
+            info(f"downloading the nodes' dependency wheels (CPython {NODE_PYTHON_VERSION}, {NODE_PLATFORMS[0]} "
+                 "and older)")
+            wheelhouse = pack_wheelhouse(pins, Path(tmp) / "wheelhouse")
+            wheelhouse_uri = config.uri(config.code_prefix, wheelhouse.name)
+            files.append((wheelhouse_uri, wheelhouse.read_bytes(), "application/x-tar"))
+        script = render_bootstrap(pins, wheel_uri, wheelhouse_source=wheelhouse_uri)
+        files.append((config.uri(config.code_prefix, specs.BOOTSTRAP_NAME), script.encode(), "text/x-shellscript"))
     if run_config:
         files.append((config.uri(config.code_prefix, specs.RUN_CONFIG_NAME), Path(run_config).read_bytes(),
                       "application/yaml"))
@@ -624,62 +637,3 @@ def cost_actual(config: EmrConfig, aws: Aws, cluster: str | None, images: int | 
               for g in aws.read("emr", "list_instance_groups", ClusterId=cluster_id)["InstanceGroups"]]
     print(cost.format_actual(cluster_id, groups, hours, images, config.region, finished=end is not None))
     return 0
-
-
-def audit(config: EmrConfig, aws: Aws, max_objects: int) -> int:
-    """Lists what may still be billing in the region. Reads only: nothing is ever deleted or stopped."""
-    print(f"billable resources in {config.region} (read only; nothing is changed):")
-    found = 0
-    clusters = [c for page in aws.pages("emr", "list_clusters", ClusterStates=list(specs.ACTIVE_CLUSTER_STATES))
-                for c in page["Clusters"]]
-    print(f"EMR clusters not terminated: {len(clusters)}")
-    for c in clusters:
-        print(f"  {c['Id']} {c['Name']}: {c['Status']['State']} for "
-              f"{_elapsed(c['Status']['Timeline'], 'CreationDateTime')}")
-    found += len(clusters)
-    live = {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}
-    instances = [i for page in aws.pages("ec2", "describe_instances", Filters=[live])
-                 for r in page["Reservations"] for i in r["Instances"]]
-    print(f"EC2 instances: {len(instances)}")
-    for i in instances:
-        tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
-        note = " (stopped: its volumes still bill)" if i["State"]["Name"] == "stopped" else ""
-        label = tags.get("Name") or tags.get("aws:elasticmapreduce:job-flow-id") or ""
-        print(f"  {i['InstanceId']} {i['InstanceType']} {i['State']['Name']} {label}{note}".rstrip())
-    found += len(instances)
-    volumes = [v for page in aws.pages("ec2", "describe_volumes") for v in page["Volumes"]]
-    print(f"EBS volumes: {len(volumes)}, {sum(v['Size'] for v in volumes)} GiB")
-    for v in volumes:
-        note = " (not attached)" if v["State"] == "available" else ""
-        print(f"  {v['VolumeId']} {v['Size']} GiB {v['VolumeType']} {v['State']}{note}")
-    found += len(volumes)
-    addresses = aws.read("ec2", "describe_addresses")["Addresses"]
-    print(f"Elastic IPs: {len(addresses)}")
-    for a in addresses:
-        print(f"  {a['PublicIp']}" + ("" if a.get("AssociationId") else " (not associated)"))
-    found += len(addresses)
-    buckets = aws.read("s3", "list_buckets").get("Buckets", [])
-    print(f"S3 buckets (all regions; S3 bills storage wherever it is): {len(buckets)}")
-    for b in buckets:
-        print(f"  {_bucket_summary(aws, b['Name'], max_objects)}")
-    found += len(buckets)
-    print(f"{found} resource(s) listed")
-    return 0
-
-
-def _bucket_summary(aws: Aws, bucket: str, max_objects: int) -> str:
-    try:
-        region = bucket_region(aws, bucket)
-        count = size = 0
-        capped = False
-        for page in aws.pages("s3", "list_objects_v2", Bucket=bucket):
-            for item in page.get("Contents", []):
-                count += 1
-                size += item["Size"]
-            if count >= max_objects:
-                capped = True
-                break
-    except AwsError as exc:
-        return f"{bucket}: not readable ({exc.code})"
-    amount = f"{'at least ' if capped else ''}{count} object(s), {size / 2**30:.3f} GiB"
-    return f"{bucket} ({region}): {amount}"
