@@ -1,17 +1,26 @@
 """The `fruitpipe` command: parses flags, builds a config, calls the Python API, prints a short summary.
 
-Every user-fixable problem ends as one line on stderr and exit code 2.
+Every user-fixable problem (a missing optional dependency included) ends as one line on stderr and exit code 2;
+anything unexpected as one line naming the file that holds its traceback, exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.extras import MissingExtra, optional_module
 
 EXIT_USAGE = 2
+EXIT_UNEXPECTED = 1
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("output", nargs="?", metavar="OUT", help="folder or URI for the run's outputs")
     _add_selection_flags(run)
     model = run.add_argument_group("model and PCA")
+    model.add_argument("--model-file", metavar="URI",
+                       help="model artifact folder from `fruitpipe export-model` (local or s3://): it sets the "
+                            "model, weights, precision and input size, and the run needs no torch")
     model.add_argument("--model", help="feature model (default efficientnet_lite0; see `fruitpipe models`)")
     model.add_argument("--weights", help="weights file or URI (mobilenet_v2), or 'random' for speed tests")
     model.add_argument("--image-size", type=_positive_int, metavar="PX", help="input side (default: the model's)")
@@ -90,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--cache-dir", help="where exported models and downloaded weights are kept")
     _add_spark_flags(run)
     run.set_defaults(handler=_cmd_run)
+
+    export = commands.add_parser("export-model", help="write a model artifact (ONNX + model.json) for --model-file",
+                                 description="Export a feature model to ONNX with its description into OUT (local "
+                                             "or any URI), for `fruitpipe run --model-file OUT` on machines "
+                                             "without torch. Needs the driver extra.")
+    export.add_argument("output", metavar="OUT", help="folder or URI to write the artifact to")
+    export.add_argument("--model", default="efficientnet_lite0", help="feature model (see `fruitpipe models`)")
+    export.add_argument("--weights", help="weights file or URI (mobilenet_v2), or 'random' for speed tests")
+    export.add_argument("--image-size", type=_positive_int, metavar="PX", help="input side (default: the model's)")
+    export.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="int8: ONNX Runtime static quantization calibrated here on --calibration SRC")
+    export.add_argument("--calibration", metavar="SRC",
+                        help="int8 only: images to calibrate on, a folder laid out like a run's SRC (its Training "
+                             "split; 64 images spread over it)")
+    export.add_argument("--cache-dir", help="where exported models and downloaded weights are kept")
+    export.set_defaults(handler=_cmd_export_model)
 
     transform = commands.add_parser("transform", help="project new images with a finished run's model and PCA")
     transform.add_argument("run_dir", metavar="RUN_DIR")
@@ -155,7 +183,7 @@ def _run_config(args: argparse.Namespace, **fixed):
 
     file_values = load_yaml(args.config)
     names = ("source", "output", "mode", "classes", "per_class", "limit", "split", "model", "weights", "image_size",
-             "precision", "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
+             "precision", "model_file", "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
              "threads_per_task", "batch_size", "shard_size", "read_timeout_s")
     overrides = {name: getattr(args, name, None) for name in names}
     if getattr(args, "spark_conf", None):
@@ -169,6 +197,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     result = run(_run_config(args))
     _print_summary(result)
+    return 0
+
+
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from fruitpipe.config import DEFAULT_CACHE_DIR
+    from fruitpipe.models.artifact import export_artifact
+
+    if args.precision == "int8" and not args.calibration:
+        raise FruitpipeError("--precision int8 needs --calibration SRC: the images to calibrate the int8 model on")
+    if args.precision != "int8" and args.calibration:
+        raise FruitpipeError("--calibration applies to --precision int8 only")
+    artifact = export_artifact(args.model, args.weights, args.output, image_size=args.image_size,
+                               precision=args.precision, calibration_source=args.calibration,
+                               cache_dir=args.cache_dir or DEFAULT_CACHE_DIR)
+    print(f"wrote {args.output}: {artifact.name} {artifact.precision} at {artifact.input_size} px, "
+          f"onnx sha256 {artifact.onnx_sha256[:12]}...")
+    print(f"use it with: fruitpipe run SRC OUT --model-file {args.output}")
     return 0
 
 
@@ -230,8 +275,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fruitpipe.config import DEFAULT_CACHE_DIR
-    from fruitpipe.models import get_spec
     from fruitpipe.models.predict import predict_topk
+    from fruitpipe.models.specs import get_spec
     from fruitpipe.storage import locate, read_bytes
 
     images = []
@@ -250,7 +295,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from fruitpipe.models import available_models, get_spec
+    from fruitpipe.models.specs import available_models, get_spec
 
     for name in available_models():
         spec = get_spec(name)
@@ -271,7 +316,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fruitpipe: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        module = optional_module(exc)
+        if module is None:
+            return _unexpected(exc)
+        # Last resort: an optional import that no caller wrapped in needs_extras.
+        print(f"fruitpipe: error: {MissingExtra(module, f'`fruitpipe {args.command}`')}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        return _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> int:
+    """One line for a bug or an unforeseen failure; the full traceback goes to a file the line names."""
+    lines = str(exc).strip().splitlines()
+    head = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    details = "".join(traceback.format_exception(exc))
+    folder = Path(tempfile.gettempdir()) / "fruitpipe-errors"
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(details, encoding="utf-8")
+        where = f"full traceback in {path}"
+    except OSError as write_error:
+        where = f"the traceback could not be written to {path} ({write_error.strerror or write_error})"
+    print(f"fruitpipe: unexpected error: {head}; {where}", file=sys.stderr)
+    return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

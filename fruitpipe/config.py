@@ -55,6 +55,9 @@ class RunConfig:
     weights: str | None = None
     image_size: int | None = None
     precision: str = "fp32"
+    # A model artifact (`fruitpipe export-model`): it decides model, weights, precision and input size, and a run
+    # from it needs no torch.
+    model_file: str | None = None
     # Small batches keep a 224 px CNN's activations in the CPU cache: on 2 EPYC cores ONNX Runtime runs
     # EfficientNet-Lite0 at 368 img/s with batch 2 and 233 img/s with batch 32 (BENCHMARKS.md).
     batch_size: int = 2
@@ -94,6 +97,8 @@ class RunConfig:
                 raise FruitpipeError(f"{_flag(name)} must be a positive integer, got {value!r}")
         if self.precision not in PRECISIONS:
             raise FruitpipeError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.model_file is not None and not self.model_file.strip():
+            raise FruitpipeError("--model-file must not be empty: pass the folder `fruitpipe export-model` wrote")
         if self.image_size is not None and self.image_size < 32:
             raise FruitpipeError(f"--image-size must be at least 32 pixels, got {self.image_size}")
         if self.pca_variance is not None:
@@ -107,12 +112,16 @@ class RunConfig:
             raise FruitpipeError("--master must not be empty (default: local[*])")
         return self
 
-    def fingerprint(self, weights_sha256: str, input_size: int) -> str:
-        """What the stored features depend on: a different value means an existing OUT cannot be resumed."""
+    def fingerprint(self, weights_sha256: str, input_size: int, onnx_sha256: str) -> str:
+        """What the stored features depend on: a different value means an existing OUT cannot be resumed.
+
+        The ONNX bytes count, not where they came from: a run from an artifact and a run exporting the same
+        bytes resume each other.
+        """
         selection = dataclasses.asdict(self.selection())
         identity = {"source": self.source.rstrip("/"), "selection": selection, "model": self.model,
                     "weights_sha256": weights_sha256, "input_size": input_size, "shard_size": self.shard_size,
-                    "precision": self.precision}
+                    "precision": self.precision, "onnx_sha256": onnx_sha256}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_public_dict(self) -> dict[str, Any]:
@@ -187,7 +196,7 @@ def _check_types(values: Mapping[str, Any]) -> None:
     expected = {"batch_size": int, "shard_size": int, "threads_per_task": int, "per_class": int, "limit": int,
                 "image_size": int, "pca_k": int, "pca_variance": (int, float), "read_timeout_s": (int, float),
                 "features_csv": bool, "overwrite": bool, "quiet": bool, "source": str, "output": str,
-                "mode": str, "split": str, "model": str, "weights": str, "precision": str, "master": str,
+                "mode": str, "split": str, "model": str, "weights": str, "precision": str, "model_file": str, "master": str,
                 "cache_dir": str}
     for key, kind in expected.items():
         value = values.get(key)

@@ -23,46 +23,17 @@ from fruitpipe.config import RunConfig, auto_shard_size
 from fruitpipe.dataset import ImageRecord, label_indices, list_split, select
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import ExtractionSettings, completed_shards, records_digest, remove_partial_writes
-from fruitpipe.models import ModelSpec, export_onnx, get_spec
+from fruitpipe.extras import MissingExtra
+from fruitpipe.models.artifact import ARTIFACT_JSON, ModelArtifact, build_artifact, load_artifact, write_artifact
+from fruitpipe.models.specs import get_spec
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
 from fruitpipe.progress import ExtractionProgress
-from fruitpipe.storage import (Location, list_names, locate, read_bytes, remove_tree, unavailable_reported,
+from fruitpipe.storage import (Location, exists, list_names, locate, read_bytes, remove_tree, unavailable_reported,
                                write_bytes)
 
-@dataclass(frozen=True)
-class FeatureModel:
-    """The exact feature extractor of a run: its spec, input size and ONNX bytes (what executors receive)."""
-
-    spec: ModelSpec
-    input_size: int
-    onnx: bytes
-    onnx_sha256: str
-    weights_sha256: str
-
-    @classmethod
-    def export(cls, config: RunConfig) -> FeatureModel:
-        spec = get_spec(config.model)
-        exported = export_onnx(spec, config.weights, config.cache_dir, config.image_size)
-        path, onnx_sha256 = exported.path, exported.onnx_sha256
-        if config.precision == "int8":
-            from fruitpipe.quantize import quantize_for_run
-
-            path, onnx_sha256 = quantize_for_run(exported, spec.preprocessing(exported.input_size), config)
-        with open(path, "rb") as handle:
-            onnx = handle.read()
-        return cls(spec, exported.input_size, onnx, onnx_sha256, exported.weights_sha256)
-
-    @classmethod
-    def from_run(cls, run_dir: str) -> FeatureModel:
-        """The model a finished run used, read back from its folder (no export, no weights needed)."""
-        out = locate(run_dir)
-        try:
-            info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
-            onnx = read_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE))
-        except FileNotFoundError:
-            raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no model_info or model)") from None
-        return cls(get_spec(info["model"]), int(info["image_size"]), onnx, info["onnx_sha256"], info["weights_sha256"])
-
+# What `run` tells a user whose machine cannot export a model (no torch: an executor or EMR node).
+USE_AN_ARTIFACT = "pass --model-file ARTIFACT made by `fruitpipe export-model`"
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 @dataclass
 class RunResult:
@@ -112,20 +83,66 @@ def run(config: RunConfig) -> RunResult:
     """Run the whole pipeline for `config` and return what it produced."""
     config.validate()
     started = time.perf_counter()
-    feature_model = FeatureModel.export(config)
-    return _execute(config, feature_model, None, started, {"model_export": time.perf_counter() - started})
+    artifact, onnx = load_artifact(config.model_file) if config.model_file else _export_for_run(config)
+    config = _decided_by(artifact, config)
+    return _execute(config, artifact, onnx, None, started, {"model_export": time.perf_counter() - started})
 
 
 def transform(run_dir: str, config: RunConfig) -> RunResult:
     """Features + PCA for new images with a finished run's model and fitted PCA (no refit)."""
     started = time.perf_counter()
-    feature_model = FeatureModel.from_run(run_dir)
+    artifact, onnx = stored_artifact(run_dir)
     pca_model = load_pca_model(run_dir)
-    config = dataclasses.replace(config, model=feature_model.spec.name, image_size=feature_model.input_size).validate()
-    return _execute(config, feature_model, pca_model, started, {"model_export": 0.0})
+    config = dataclasses.replace(config, model=artifact.name, precision=artifact.precision,
+                                 image_size=artifact.input_size).validate()
+    return _execute(config, artifact, onnx, pca_model, started, {"model_export": 0.0})
 
 
-def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel | None, started: float,
+def _export_for_run(config: RunConfig) -> tuple[ModelArtifact, bytes]:
+    """The run's model exported here (torch: the driver extra); int8 is calibrated on the run's own selection."""
+    from fruitpipe.quantize import CALIBRATION_IMAGES, calibration_images
+
+    try:
+        return build_artifact(config.model, config.weights, image_size=config.image_size, precision=config.precision,
+                              calibration_images=lambda: calibration_images(config.source, config.selection()),
+                              calibration=f"{CALIBRATION_IMAGES} images of the run's selection of {config.source}",
+                              cache_dir=config.cache_dir)
+    except MissingExtra as exc:
+        raise exc.instead(USE_AN_ARTIFACT) from None
+
+
+def _decided_by(artifact: ModelArtifact, config: RunConfig) -> RunConfig:
+    """The config with the artifact's model, precision and input size; an explicit, different value is an error."""
+    if config.model_file and config.weights is not None:
+        raise FruitpipeError(f"--weights has no effect with --model-file: {config.model_file} holds its weights "
+                             f"({artifact.weights}); drop --weights")
+    decided = {"model": artifact.name, "precision": artifact.precision, "image_size": artifact.input_size}
+    for name, value in decided.items():
+        given = getattr(config, name)
+        if config.model_file and given not in (_DEFAULTS[name], value):
+            raise FruitpipeError(f"--{name.replace('_', '-')} {given} conflicts with --model-file "
+                                 f"{config.model_file}, which holds {artifact.name} {artifact.precision} at "
+                                 f"{artifact.input_size} px; drop --{name.replace('_', '-')}")
+    return dataclasses.replace(config, **decided)
+
+
+def stored_artifact(run_dir: str) -> tuple[ModelArtifact, bytes]:
+    """The model artifact a finished run computed its features with, read from its folder (no torch, no export)."""
+    out = locate(run_dir)
+    try:
+        info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
+        if exists(out, out.join(sinks.MODEL, ARTIFACT_JSON)):
+            return load_artifact(out.uri(out.join(sinks.MODEL)))
+        # A run made before model/ held model.json: model_info.json records the same fields.
+        artifact = ModelArtifact(spec=get_spec(info["model"]), input_size=int(info["image_size"]),
+                                 precision=info.get("precision", "fp32"), weights_sha256=info["weights_sha256"],
+                                 onnx_sha256=info["onnx_sha256"], weights=str(info.get("weights", "")))
+        return artifact, read_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE))
+    except FileNotFoundError:
+        raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no model_info or model)") from None
+
+
+def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca: PcaModel | None, started: float,
              seconds: dict[str, float]) -> RunResult:
     out = locate(config.output)
     phase = time.perf_counter()
@@ -138,8 +155,8 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
         config = dataclasses.replace(config, shard_size=auto_shard_size(len(images)))
 
     if fixed_pca is None and config.pca_variance is None:
-        _check_k(config.pca_k, feature_model.spec.feature_dim, len(images))
-    fingerprint = config.fingerprint(feature_model.weights_sha256, feature_model.input_size)
+        _check_k(config.pca_k, artifact.spec.feature_dim, len(images))
+    fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256)
     shards = plan_shards(images, config.shard_size)
     planned = {"images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
     _check_output(out, config, fingerprint, planned)
@@ -147,19 +164,18 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
     from fruitpipe.spark import run_extraction, run_gram, run_projection, spark_session
 
     settings = ExtractionSettings(source=config.source, output=config.output,
-                                  preprocessing=feature_model.spec.preprocessing(feature_model.input_size),
-                                  model_key=feature_model.onnx_sha256, batch_size=config.batch_size,
+                                  preprocessing=artifact.preprocessing(), model_key=artifact.onnx_sha256, batch_size=config.batch_size,
                                   threads=config.threads_per_task, read_timeout_s=config.read_timeout_s)
     with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
         spark_master = spark.sparkContext.master
         _claim_output(out, config, fingerprint, planned)
-        write_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE), feature_model.onnx)
+        write_artifact(out.uri(out.join(sinks.MODEL)), artifact, onnx)
         _write_listing_errors(out, unlisted)
         done = completed_shards(out, shards)
         pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
         phase = time.perf_counter()
         with ExtractionProgress(config.output, {i: len(rows) for i, rows in shards.items()}, done, config.quiet):
-            run_extraction(spark, pending, settings, feature_model.onnx)
+            run_extraction(spark, pending, settings, onnx)
         seconds["extract"] = time.perf_counter() - phase
 
         stats = _shard_stats(out, sorted(shards))
@@ -184,16 +200,16 @@ def _execute(config: RunConfig, feature_model: FeatureModel, fixed_pca: PcaModel
     phase = time.perf_counter()
     counts = {"images_listed": len(images) + len(unlisted), "images_ok": images_ok,
               "images_failed": sum(s["failed"] for s in stats) + len(unlisted)}
-    _write_pca_model(out, model, feature_model)
+    _write_pca_model(out, model, artifact)
     _write_csv_copies(out, config.features_csv)
     seconds["write_outputs"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - started
     executors = sorted({str(s["executor"]["executor_id"]) for s in stats})
     result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
-                       model=feature_model.spec.name, feature_dim=int(model.mean.shape[0]), executors=executors,
+                       model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
                        spark_master=spark_master, **counts)
-    _write_documents(out, config, feature_model, model, result, stats, fingerprint)
+    _write_documents(out, config, artifact, model, result, stats, fingerprint)
     return result
 
 
@@ -284,10 +300,10 @@ def _shift(out: Location, shard_id: int) -> np.ndarray:
     return sinks.vectors_matrix(table, "features").astype(np.float64).mean(axis=0)
 
 
-def _write_pca_model(out: Location, model: PcaModel, feature_model: FeatureModel) -> None:
+def _write_pca_model(out: Location, model: PcaModel, artifact: ModelArtifact) -> None:
     write_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ), model.to_npz_bytes())
-    extra = {"feature_model": feature_model.spec.name, "weights_sha256": feature_model.weights_sha256,
-             "input_size": feature_model.input_size, "onnx_sha256": feature_model.onnx_sha256}
+    extra = {"feature_model": artifact.name, "weights_sha256": artifact.weights_sha256,
+             "input_size": artifact.input_size, "onnx_sha256": artifact.onnx_sha256}
     write_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_JSON), model_json(model, extra).encode())
     sinks.write_csv(out, sinks.VARIANCE_CSV, pa.Table.from_pylist(variance_rows(model)))
 
@@ -311,17 +327,17 @@ def versions() -> dict[str, str]:
             "pyspark": pyspark.__version__, "platform": platform.platform()}
 
 
-def _write_documents(out: Location, config: RunConfig, feature_model: FeatureModel, model: PcaModel,
+def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, model: PcaModel,
                      result: RunResult, stats: list[dict], fingerprint: str) -> None:
     """model_info, resolved config and, last, the manifest that lists every output and its row count."""
-    spec = feature_model.spec
+    spec = artifact.spec
     counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
               "images_failed": result.images_failed}
     shard_seconds = {phase: sum(s["seconds"][phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
     model_info = {
-        "model": spec.name, "precision": config.precision, "weights": config.weights or spec.weights_source,
-        "weights_sha256": feature_model.weights_sha256, "onnx_sha256": feature_model.onnx_sha256,
-        "image_size": feature_model.input_size, "interpolation": spec.interpolation, "mean": list(spec.mean),
+        "model": spec.name, "precision": artifact.precision, "weights": artifact.weights,
+        "weights_sha256": artifact.weights_sha256, "onnx_sha256": artifact.onnx_sha256,
+        "model_file": config.model_file, "image_size": artifact.input_size, "interpolation": spec.interpolation, "mean": list(spec.mean),
         "std": list(spec.std), "feature_dim": result.feature_dim, "pca_k": model.k,
         "variance_kept": model.variance_kept, "counts": counts, "seconds": result.seconds,
         "shard_seconds_summed": shard_seconds, "images_per_second": result.images_per_second,
@@ -340,7 +356,7 @@ def _write_documents(out: Location, config: RunConfig, feature_model: FeatureMod
         **counts, "shards": result.shards_total, "shards_resumed": result.shards_resumed, "outputs": files,
         "documents": [sinks.VARIANCE_CSV, f"{sinks.MODEL_INFO}/model_info.json", sinks.CONFIG_YAML,
                       f"{sinks.MODEL}/{sinks.PCA_MODEL_NPZ}", f"{sinks.MODEL}/{sinks.PCA_MODEL_JSON}",
-                      f"{sinks.MODEL}/{sinks.ONNX_FILE}", f"{sinks.CSV}/pca.csv", f"{sinks.CSV}/metadata.csv",
+                      f"{sinks.MODEL}/{sinks.ONNX_FILE}", f"{sinks.MODEL}/{ARTIFACT_JSON}", f"{sinks.CSV}/pca.csv", f"{sinks.CSV}/metadata.csv",
                       f"{sinks.CSV}/errors.csv"] + ([f"{sinks.CSV}/features.csv"] if config.features_csv else []),
         "python": sys.version.split()[0],
     }

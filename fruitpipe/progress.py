@@ -2,7 +2,8 @@
 
 Each shard writes its stats file last, so the files present are exactly the shards done; this works the same on
 a local disk, a cluster and S3 (one listing per poll plus one read per newly finished shard). Progress is a
-tqdm bar when stderr is a terminal and a plain line every ~10 s (and at the end) when it is a log file.
+tqdm bar when stderr is a terminal (and tqdm, a driver extra, is installed), else a plain line every ~10 s and
+at the end.
 """
 
 from __future__ import annotations
@@ -76,9 +77,8 @@ class ExtractionProgress:
         resumed_images = sum(self.shard_images[shard_id] for shard_id in self.resumed)
         self.counts.images_done = resumed_images
         self.counts.shards_done = len(self.resumed)
-        if _is_terminal(stream):
-            from tqdm import tqdm
-
+        tqdm = _tqdm() if _is_terminal(stream) else None
+        if tqdm is not None:
             self._bar = tqdm(total=self.total, initial=resumed_images, unit="img", desc="extract", file=stream,
                              smoothing=0.1)
         else:
@@ -161,6 +161,15 @@ class ExtractionProgress:
     def _write(self, text: str) -> None:
         assert self.stream is not None
         print(text, file=self.stream, flush=True)
+
+
+def _tqdm() -> Any:
+    """tqdm's bar class, or None where it is not installed (executors, EMR nodes): plain lines do instead."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+    return tqdm
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.extras import needs_extras
 from fruitpipe.images import ImageDecodeError, Preprocessing, preprocess
 
 CALIBRATION_IMAGES = 64
@@ -30,18 +31,23 @@ SETTINGS_VERSION = "qdq-u8s8-per-channel-minmax-v1"
 INPUT_NAME = "images"
 
 if TYPE_CHECKING:
-    from fruitpipe.config import RunConfig
+    from fruitpipe.config import RunConfig, Selection
     from fruitpipe.models.export import ExportedModel
 
 
 def quantize_for_run(exported: ExportedModel, preprocessing: Preprocessing, config: RunConfig) -> tuple[str, str]:
     """(path, sha256) of the int8 model for a run, calibrated on its own selection (listed here: the model is
     exported before the run lists its images)."""
+    images = calibration_images(config.source, config.selection())
+    return quantize_int8(exported.path, exported.onnx_sha256, preprocessing, images, config.cache_dir)
+
+
+def calibration_images(source: str, selection: Selection) -> list[bytes]:
+    """The calibration sample of the images `selection` takes from `source`."""
     from fruitpipe.dataset import list_split, select
 
-    images = select(list_split(config.source, config.split).images, config.selection())
-    sample = calibration_sample(config.source, [record.path for record in images])
-    return quantize_int8(exported.path, exported.onnx_sha256, preprocessing, sample, config.cache_dir)
+    images = select(list_split(source, selection.split).images, selection)
+    return calibration_sample(source, [record.path for record in images])
 
 
 def calibration_sample(source: str, paths: list[str], count: int = CALIBRATION_IMAGES) -> list[bytes]:
@@ -95,8 +101,10 @@ def quantize_int8(fp32_path: str, fp32_sha256: str, preprocessing: Preprocessing
 
 def _quantize(fp32_path: str, tensors: list[np.ndarray], target: Path) -> None:
     """Shape-infer and optimise the fp32 graph, quantize it, then rename into the cache (never a partial file)."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    # onnxruntime.quantization imports onnx (driver extra): an int8 artifact is made where the export is.
+    with needs_extras("calibrating an int8 model"):
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quant_pre_process, quantize_static)
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:

@@ -1,7 +1,8 @@
-"""Model registry: each architecture module registers its spec and builder with `@register_model`.
+"""Model builders: each architecture module registers a builder for a spec name with `@register_model`.
 
-Importing this package needs neither torch nor onnx, so a ModelSpec or ExportedModel can be unpickled on an
-executor. Looking up or building a model imports the architecture modules, which need torch (driver only).
+Specs are data in fruitpipe.models.specs (no torch). Importing this package needs neither torch nor onnx, so
+a ModelSpec can be unpickled on an executor; building or exporting a model imports the architecture modules,
+which need torch (the driver extra).
 """
 
 from __future__ import annotations
@@ -15,38 +16,16 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.images import Preprocessing
+from fruitpipe.extras import needs_extras
+from fruitpipe.models.specs import MIN_INPUT_SIZE, ModelSpec, available_models, get_spec
 
 if TYPE_CHECKING:
     import torch
 
-# Five stride-2 stages bring a 32-pixel input down to a single position; smaller inputs are not meaningful.
-MIN_INPUT_SIZE = 32
 RANDOM_WEIGHTS = "random"
 RANDOM_SEED = 0
 
 _ARCHITECTURE_MODULES = ("fruitpipe.models.efficientnet_lite", "fruitpipe.models.mobilenet_v2")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a pretrained network expects and where its weights come from."""
-
-    name: str
-    input_size: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    feature_dim: int
-    weights_source: str
-    weights_sha256: str | None
-
-    def preprocessing(self, input_size: int | None = None) -> Preprocessing:
-        """The image preprocessing this model was trained with, optionally at another square input size."""
-        size = self.input_size if input_size is None else input_size
-        if size < MIN_INPUT_SIZE:
-            raise FruitpipeError(f"input size {size} is too small for {self.name} (minimum {MIN_INPUT_SIZE})")
-        return Preprocessing(size=size, interpolation=self.interpolation, mean=self.mean, std=self.std)
 
 
 Builder = Callable[[int], "torch.nn.Module"]
@@ -64,13 +43,13 @@ class RegisteredModel:
 _REGISTRY: dict[str, RegisteredModel] = {}
 
 
-def register_model(spec: ModelSpec, packaged_weights: Callable[[], str] | None = None) -> Callable[[Builder], Builder]:
-    """Decorator for an architecture's builder `(input_size) -> nn.Module` returning (features, logits)."""
+def register_model(name: str, packaged_weights: Callable[[], str] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator for the builder `(input_size) -> nn.Module` returning (features, logits) of the spec `name`."""
 
     def decorate(build: Builder) -> Builder:
-        if spec.name in _REGISTRY:
-            raise ValueError(f"model {spec.name!r} registered twice")
-        _REGISTRY[spec.name] = RegisteredModel(spec, build, packaged_weights)
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = RegisteredModel(get_spec(name), build, packaged_weights)
         return build
 
     return decorate
@@ -84,21 +63,10 @@ def _registry() -> dict[str, RegisteredModel]:
 
 
 def registered(name: str) -> RegisteredModel:
-    """The registry entry for `name`; an unknown name is a user error that lists the known ones."""
-    entry = _registry().get(name)
-    if entry is None:
-        raise FruitpipeError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
-    return entry
-
-
-def get_spec(name: str) -> ModelSpec:
-    """The spec of a registered model."""
-    return registered(name).spec
-
-
-def available_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_registry())
+    """The registry entry for `name` (imports the architectures: torch); an unknown name lists the known ones."""
+    get_spec(name)
+    with needs_extras(f"exporting {name}"):
+        return _registry()[name]
 
 
 def build_model(spec: ModelSpec, weights_path: str | None, input_size: int | None = None) -> torch.nn.Module:

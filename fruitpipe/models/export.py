@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from fruitpipe.extras import needs_extras
 from fruitpipe.models import ModelSpec, build_model
 from fruitpipe.models.weights import resolve_weights, sha256_file
 
@@ -42,8 +43,9 @@ def export_onnx(spec: ModelSpec, weights: str | None, cache_dir: str, input_size
 
 def _export(spec: ModelSpec, weights_path: str, size: int, target: Path) -> None:
     """Export to a temporary file and rename it, so a concurrent or interrupted export never leaves a partial file."""
-    import onnx
-    import torch
+    with needs_extras(f"exporting {spec.name}"):
+        import onnx
+        import torch
 
     model = build_model(spec, weights_path, size)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fruitpipe.models import ModelSpec, register_model
+from fruitpipe.models import register_model
+from fruitpipe.models.specs import MOBILENET_V2
 
-LAST_CHANNELS = 1280
+LAST_CHANNELS = MOBILENET_V2.feature_dim
 NUM_CLASSES = 1000
 DROPOUT = 0.2
 
@@ -22,18 +23,6 @@ INVERTED_RESIDUALS = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-
-SPEC = ModelSpec(
-    name="mobilenet_v2",
-    input_size=224,
-    interpolation="bilinear",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    feature_dim=LAST_CHANNELS,
-    weights_source="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-    weights_sha256="b0353104",
-)
-
 
 def conv_bn_relu6(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
                   groups: int = 1) -> nn.Sequential:
@@ -97,7 +86,7 @@ class MobileNetV2(nn.Module):
         return features, self.classifier(features)
 
 
-@register_model(SPEC)
+@register_model(MOBILENET_V2.name)
 def mobilenet_v2(input_size: int) -> nn.Module:
     """MobileNetV2 1.0 (3,504,872 parameters); its symmetric padding works at any input size."""
     return MobileNetV2()

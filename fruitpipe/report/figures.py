@@ -10,8 +10,12 @@ import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from fruitpipe.extras import needs_extras
+
+with needs_extras("drawing the report"):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
 LEGEND_CLASSES = 20
 PHASE_ORDER = ("model_export", "list", "extract", "pca_fit", "pca_transform", "write_outputs")
