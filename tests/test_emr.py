@@ -10,6 +10,7 @@ import argparse
 import copy
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from fruitpipe.cloud.client import AwsError
 from fruitpipe.cloud.config import DEFAULT_RELEASE, EmrConfig, load_emr_config
 from fruitpipe.cloud.instances import INSTANCE_TYPES
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.models.artifact import export_artifact
 from tests.support.moto_server import MotoServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +208,12 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
     result = emr("upload")
     assert result.rc == 0, result.err
     code = f"s3://{bucket}/fruitpipe/code/"
-    assert result.out.split() == [f"{code}fruitpipe-0.1.0-py3-none-any.whl", f"{code}bootstrap.sh", f"{code}run.yaml"]
+    assert result.out.split() == [f"{code}fruitpipe-0.1.0-py3-none-any.whl", f"{code}model/feature_extractor.onnx",
+                                  f"{code}model/model.json", f"{code}bootstrap.sh", f"{code}run.yaml"]
+    model_json = json.loads(s3.get_object(Bucket=bucket, Key="fruitpipe/code/model/model.json")["Body"].read())
+    onnx = s3.get_object(Bucket=bucket, Key="fruitpipe/code/model/feature_extractor.onnx")["Body"].read()
+    assert model_json["model"] == "efficientnet_lite0" and model_json["precision"] == "fp32"
+    assert model_json["onnx_sha256"] == hashlib.sha256(onnx).hexdigest()
     block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
     assert block == {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
                      "RestrictPublicBuckets": True}
@@ -256,7 +263,7 @@ def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto,
     assert args == ["spark-submit", "--master", "yarn", "--deploy-mode", "client", specs.NODE_LAUNCHER,
                     "--config", specs.NODE_RUN_CONFIG, "run", f"s3://{bucket}/fruitpipe/input/",
                     f"s3://{bucket}/fruitpipe/output/first/", "--mode", "mini", "--master", "yarn",
-                    "--batch-size", "32"]
+                    "--model-file", f"{code}model", "--batch-size", "32"]
     assert steps[step_id]["Config"]["Jar"] == "command-runner.jar"
     fetch = next(s for s in steps.values() if s["Id"] != step_id)
     assert fetch["Config"]["Args"][-2:] == [f"{code}run.yaml", specs.NODE_RUN_CONFIG]
@@ -345,7 +352,7 @@ def test_dry_run_prints_requests_and_changes_nothing(setup, moto, tmp_path):
     expected = {
         ("roles", "create"): ["CreateRole", "AttachRolePolicy", "CreateRole", "AttachRolePolicy",
                               "CreateInstanceProfile", "AddRoleToInstanceProfile"],
-        ("upload",): ["PutObject", "PutObject", "PutObject"],
+        ("upload",): ["PutObject"] * 5,
         ("up",): ["RunJobFlow"],
         ("submit", "--mode", "apples"): ["PutObject", "AddJobFlowSteps"],
         ("down",): ["TerminateJobFlows"],
@@ -387,6 +394,9 @@ def test_submit_refuses_a_bucket_in_another_region_unless_allowed(setup, moto, t
 
     emr.config_path = write_config(tmp_path / "allow.yaml", bucket=bucket, cluster_name=name, allow_other_region=True)
     result = emr("submit", "--input", f"s3://{foreign}/photos/")
+    assert result.rc == 2 and "holds no model artifact: run `fruitpipe emr upload` first" in result.err
+    moto.client("s3").put_object(Bucket=bucket, Key="fruitpipe/code/model/model.json", Body=b"{}")
+    result = emr("submit", "--input", f"s3://{foreign}/photos/")
     assert result.rc == 0, result.err
 
 
@@ -405,17 +415,41 @@ def test_upload_offline_puts_the_wheelhouse_beside_the_wheel(setup, moto, tmp_pa
     monkeypatch.setattr(commands, "pack_wheelhouse", fake_pack)
     wheel = tmp_path / "fruitpipe-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK fake wheel")
-    result = emr("upload", "--offline", "--wheel", str(wheel))
+    artifact = export_artifact("efficientnet_lite0", None, str(tmp_path / "artifact"))
+    result = emr("upload", "--offline", "--wheel", str(wheel), "--model-file", str(tmp_path / "artifact"))
     assert result.rc == 0, result.err
+    assert "exporting" not in result.err and "efficientnet_lite0 fp32 at 224 px" in result.err
     code = f"s3://{bucket}/fruitpipe/code/"
-    assert result.out.split() == [f"{code}{wheel.name}", f"{code}wheelhouse.tar", f"{code}bootstrap.sh",
+    assert result.out.split() == [f"{code}{wheel.name}", f"{code}model/feature_extractor.onnx",
+                                  f"{code}model/model.json", f"{code}wheelhouse.tar", f"{code}bootstrap.sh",
                                   f"{code}run.yaml"]
+    model_json = moto.client("s3").get_object(Bucket=bucket, Key="fruitpipe/code/model/model.json")["Body"].read()
+    assert json.loads(model_json)["onnx_sha256"] == artifact.onnx_sha256
     assert packed == [bootstrap.NODE_PLATFORMS]
     s3 = moto.client("s3")
     tar_bytes = s3.get_object(Bucket=bucket, Key="fruitpipe/code/wheelhouse.tar")["Body"].read()
     assert tarfile.open(fileobj=io.BytesIO(tar_bytes)).getnames() == ["placeholder.whl"]
     script = s3.get_object(Bucket=bucket, Key="fruitpipe/code/bootstrap.sh")["Body"].read().decode()
     assert f"aws s3 cp --only-show-errors {code}wheelhouse.tar" in script and "--no-index" in script
+
+
+def test_the_nodes_run_config_leaves_the_weights_to_the_artifact(tmp_path):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("# my run\nmode: mini\nemr:\n  bucket: fruit-photos\n")
+    assert commands.node_run_config(str(plain)) == plain.read_bytes()
+    weighted = tmp_path / "weighted.yaml"
+    weighted.write_text("model: mobilenet_v2\nweights: /home/me/mobilenet_v2.pth\nemr:\n  bucket: fruit-photos\n")
+    assert yaml.safe_load(commands.node_run_config(str(weighted))) == {"model": "mobilenet_v2",
+                                                                       "emr": {"bucket": "fruit-photos"}}
+
+
+def test_upload_refuses_to_export_int8_in_one_line(setup, moto):
+    emr, bucket, _ = setup
+    emr.config_path.write_text(yaml.safe_dump({"precision": "int8", "emr": {"bucket": bucket}}))
+    result = emr("upload")
+    assert result.rc == 2 and result.err.count("\n") == 1 and result.out == ""
+    assert "export-model OUT --precision int8 --calibration SRC` and pass --model-file OUT" in result.err
+    assert bucket not in [b["Name"] for b in moto.client("s3").list_buckets()["Buckets"]]
 
 
 def test_up_without_uploaded_code_is_refused(setup):
@@ -749,6 +783,8 @@ def test_run_step_passes_extra_arguments_after_the_run_arguments():
     assert step["ActionOnFailure"] == "CONTINUE"
     assert step["HadoopJarStep"]["Args"][5:] == [specs.NODE_LAUNCHER, "run", "s3://b/in/", "s3://b/out/", "--mode",
                                                  "full", "--master", "yarn", "--batch-size", "8"]
+    step = specs.run_step("s3://b/in/", "s3://b/out/", "full", ["--pca-k", "9"], None, model_file="s3://b/code/model")
+    assert step["HadoopJarStep"]["Args"][-4:] == ["--model-file", "s3://b/code/model", "--pca-k", "9"]
 
 
 # ------------------------------------------------------------------ cost

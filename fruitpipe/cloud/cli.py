@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("upload", _upload, "build the fruitpipe wheel and upload it with the bootstrap script and run config",
             [dry])
     p.add_argument("--wheel", type=Path, help="upload this wheel instead of building one")
+    p.add_argument("--model-file", metavar="DIR",
+                   help="upload this model artifact (`fruitpipe export-model`) instead of exporting the config's model")
     p.add_argument("--offline", action="store_true",
                    help="also upload the nodes' dependency wheels, so the bootstrap needs no internet access")
 
@@ -177,7 +179,8 @@ def _bucket_create(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().upload(config, _aws(args, config), args.wheel, getattr(args, "config", None), args.offline)
+    return _commands().upload(config, _aws(args, config), args.wheel, getattr(args, "config", None), args.offline,
+                              args.model_file)
 
 
 def _up(args: argparse.Namespace) -> int:

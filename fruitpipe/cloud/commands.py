@@ -7,6 +7,7 @@ Nothing here prints credentials: identities are shown by account and ARN only.
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import sys
 import tempfile
@@ -16,7 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import yaml
+
+from fruitpipe.config import build_config, load_yaml
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.extras import MissingExtra
+from fruitpipe.models.artifact import ARTIFACT_JSON, ARTIFACT_ONNX, export_artifact, load_artifact
 
 from . import cost, specs
 from .bootstrap import (NODE_PLATFORMS, NODE_PYTHON_VERSION, build_wheel, executor_pins, pack_wheelhouse,
@@ -271,24 +277,28 @@ def split_s3(uri: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- upload, up, submit
 
 
-def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | None, offline: bool = False) -> int:
-    """Puts the fruitpipe wheel, the bootstrap script and the run config under the code prefix.
+def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | None, offline: bool = False,
+           model_file: str | None = None) -> int:
+    """Puts the fruitpipe wheel, the model artifact, the bootstrap script and the run config under the code prefix.
 
-    With ``offline`` it also packs the nodes' dependency wheels into one tar beside them, and the bootstrap
+    The artifact is ``model_file`` or, by default, the run config's model exported here (torch stays on this
+    machine). With ``offline`` it also packs the nodes' dependency wheels into one tar, and the bootstrap
     installs from that tar with no package index (nodes without internet access).
     """
     bucket = config.require_bucket()
-    ensure_bucket(config, aws)
     root = project_root()
     pins = executor_pins(root)
     with tempfile.TemporaryDirectory(prefix="fruitpipe-upload-") as tmp:
+        # The model first: a model setting it cannot export fails before anything is created.
+        model_files = _model_files(config, model_file, run_config, Path(tmp) / specs.MODEL_FOLDER)
+        ensure_bucket(config, aws)
         if wheel is None:
             info("building the fruitpipe wheel")
             wheel = build_wheel(root, Path(tmp))
         elif not wheel.is_file():
             raise FruitpipeError(f"wheel {wheel} does not exist")
         wheel_uri = config.uri(config.code_prefix, wheel.name)
-        files = [(wheel_uri, wheel.read_bytes(), "application/zip")]
+        files = [(wheel_uri, wheel.read_bytes(), "application/zip"), *model_files]
         wheelhouse_uri = None
         if offline:
             info(f"downloading the nodes' dependency wheels (CPython {NODE_PYTHON_VERSION}, {NODE_PLATFORMS[0]} "
@@ -299,13 +309,50 @@ def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | No
         script = render_bootstrap(pins, wheel_uri, wheelhouse_source=wheelhouse_uri)
         files.append((config.uri(config.code_prefix, specs.BOOTSTRAP_NAME), script.encode(), "text/x-shellscript"))
     if run_config:
-        files.append((config.uri(config.code_prefix, specs.RUN_CONFIG_NAME), Path(run_config).read_bytes(),
+        files.append((config.uri(config.code_prefix, specs.RUN_CONFIG_NAME), node_run_config(run_config),
                       "application/yaml"))
     for uri, body, content_type in files:
         aws.change("s3", "put_object", Bucket=bucket, Key=split_s3(uri)[1], Body=body, ContentType=content_type)
         if not aws.dry_run:
             print(uri)
     return 0
+
+
+def _model_files(config: EmrConfig, model_file: str | None, run_config: str | None,
+                 folder: Path) -> list[tuple[str, bytes, str]]:
+    """(URI, bytes, content type) of the model artifact under the code prefix, model.json last as its commit."""
+    if model_file is None:
+        values = load_yaml(run_config)
+        # Where the step reads and writes unless told otherwise, as `submit` decides them.
+        settings = build_config(values, {"source": values.get("source") or config.uri(config.input_prefix),
+                                         "output": values.get("output") or config.uri(config.output_prefix)})
+        if settings.model_file:
+            model_file = settings.model_file
+        elif settings.precision != "fp32":
+            raise FruitpipeError("`emr upload` exports fp32 models; for int8, calibrate once with `fruitpipe "
+                                 "export-model OUT --precision int8 --calibration SRC` and pass --model-file OUT")
+        else:
+            info(f"exporting the {settings.model} model artifact")
+            try:
+                export_artifact(settings.model, settings.weights, str(folder), image_size=settings.image_size,
+                                cache_dir=settings.cache_dir)
+            except MissingExtra as exc:
+                raise exc.instead("pass --model-file ARTIFACT made by `fruitpipe export-model` elsewhere") from None
+            model_file = str(folder)
+    artifact, onnx = load_artifact(model_file)
+    info(f"model artifact: {artifact.name} {artifact.precision} at {artifact.input_size} px")
+    model_uri = config.uri(config.code_prefix, specs.MODEL_FOLDER)
+    return [(f"{model_uri}/{ARTIFACT_ONNX}", onnx, "application/octet-stream"),
+            (f"{model_uri}/{ARTIFACT_JSON}", json.dumps(artifact.to_json(), indent=2).encode(), "application/json")]
+
+
+def node_run_config(path: str) -> bytes:
+    """The run config file as the nodes get it: without ``weights``, which the model artifact already holds
+    (and `run --model-file` refuses beside it); otherwise byte for byte."""
+    document = load_yaml(path)
+    if "weights" not in document:
+        return Path(path).read_bytes()
+    return yaml.safe_dump({k: v for k, v in document.items() if k != "weights"}, sort_keys=False).encode()
 
 
 def up(config: EmrConfig, aws: Aws, wait: bool, interval: float, timeout: float | None) -> int:
@@ -348,14 +395,19 @@ def submit(config: EmrConfig, aws: Aws, *, cluster: str | None, mode: str, sourc
         if not uri.startswith("s3://"):
             raise FruitpipeError(f"the {what} {uri} must be an s3:// URI: the cluster cannot read this machine")
         require_region(config, aws, split_s3(uri)[0], f"the {what}")
+    model_uri = config.uri(config.code_prefix, specs.MODEL_FOLDER)
+    if not object_exists(aws, f"{model_uri}/{ARTIFACT_JSON}"):
+        if not aws.dry_run:
+            raise FruitpipeError(f"{model_uri}/ holds no model artifact: run `fruitpipe emr upload` first")
+        info(f"note: {model_uri}/ holds no model artifact; run `fruitpipe emr upload` before a real `submit`")
     steps = []
     node_config = None
     if run_config:
         config_uri = config.uri(config.code_prefix, specs.RUN_CONFIG_NAME)
-        _sync_object(aws, config_uri, Path(run_config).read_bytes())
+        _sync_object(aws, config_uri, node_run_config(run_config))
         steps.append(specs.fetch_config_step(config_uri))
         node_config = specs.NODE_RUN_CONFIG
-    steps.append(specs.run_step(source, output, mode, run_args, node_config))
+    steps.append(specs.run_step(source, output, mode, run_args, node_config, model_file=model_uri))
     response = aws.change("emr", "add_job_flow_steps", JobFlowId=cluster_id, Steps=steps)
     if aws.dry_run:
         return 0

@@ -21,6 +21,8 @@ NODE_RUN_CONFIG = "/home/hadoop/fruitpipe-run.yaml"
 
 BOOTSTRAP_NAME = "bootstrap.sh"
 RUN_CONFIG_NAME = "run.yaml"
+# Folder under the code prefix holding the model artifact (feature_extractor.onnx + model.json) runs use.
+MODEL_FOLDER = "model"
 
 ACTIVE_CLUSTER_STATES = ("STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING", "TERMINATING")
 RUN_MODES = ("mini", "apples", "full")
@@ -113,12 +115,20 @@ def cluster_request(config: EmrConfig) -> dict[str, Any]:
     }
 
 
-def run_step(source: str, output: str, mode: str, run_args: list[str], node_config: str | None) -> dict[str, Any]:
-    """add_job_flow_steps entry running `fruitpipe run` through spark-submit on the master node."""
+def run_step(source: str, output: str, mode: str, run_args: list[str], node_config: str | None,
+             model_file: str | None = None) -> dict[str, Any]:
+    """add_job_flow_steps entry running `fruitpipe run` through spark-submit on the master node.
+
+    ``model_file`` is the uploaded model artifact: with it the node runs the exported ONNX model and never needs
+    torch, which the bootstrap does not install.
+    """
     args = ["spark-submit", "--master", "yarn", "--deploy-mode", "client", NODE_LAUNCHER]
     if node_config:
         args += ["--config", node_config]
-    args += ["run", source, output, "--mode", mode, "--master", "yarn", *run_args]
+    args += ["run", source, output, "--mode", mode, "--master", "yarn"]
+    if model_file:
+        args += ["--model-file", model_file]
+    args += run_args
     return {"Name": f"fruitpipe run --mode {mode}", "ActionOnFailure": "CONTINUE",
             "HadoopJarStep": {"Jar": "command-runner.jar", "Args": args}}
 
