@@ -148,7 +148,7 @@ def _config(args: argparse.Namespace) -> EmrConfig:
     return load_emr_config(getattr(args, "config", None), overrides)
 
 
-def _commands(name: str = "commands") -> ModuleType:
+def _aws_module(name: str = "commands") -> ModuleType:
     """Imported on use: boto3 is a driver extra, and registering these parsers must work without it."""
     try:
         return importlib.import_module(f"{__package__}.{name}")
@@ -164,34 +164,34 @@ def _aws(args: argparse.Namespace, config: EmrConfig) -> Any:
 
 def _check(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().check(config, _aws(args, config))
+    return _aws_module().check(config, _aws(args, config))
 
 
 def _roles_create(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().create_roles(config, _aws(args, config))
+    return _aws_module().create_roles(config, _aws(args, config))
 
 
 def _bucket_create(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().create_bucket(config, _aws(args, config))
+    return _aws_module().create_bucket(config, _aws(args, config))
 
 
 def _upload(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().upload(config, _aws(args, config), args.wheel, getattr(args, "config", None), args.offline,
+    return _aws_module().upload(config, _aws(args, config), args.wheel, getattr(args, "config", None), args.offline,
                               args.model_file)
 
 
 def _up(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().up(config, _aws(args, config), args.wait, args.interval, args.timeout)
+    return _aws_module().up(config, _aws(args, config), args.wait, args.interval, args.timeout)
 
 
 def _submit(args: argparse.Namespace) -> int:
     config = _config(args)
     run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
-    return _commands().submit(config, _aws(args, config), cluster=args.cluster, mode=args.mode, source=args.input,
+    return _aws_module().submit(config, _aws(args, config), cluster=args.cluster, mode=args.mode, source=args.input,
                            output=args.output, run_name=args.run_name, run_args=run_args,
                            run_config=getattr(args, "config", None), wait=args.wait, interval=args.interval,
                            timeout=args.timeout)
@@ -199,33 +199,33 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().status(config, _aws(args, config), args.cluster)
+    return _aws_module().status(config, _aws(args, config), args.cluster)
 
 
 def _watch(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().watch(config, _aws(args, config), args.cluster, args.interval, args.timeout)
+    return _aws_module().watch(config, _aws(args, config), args.cluster, args.interval, args.timeout)
 
 
 def _logs(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().logs(config, _aws(args, config), args.cluster, args.step, args.out, args.tail)
+    return _aws_module().logs(config, _aws(args, config), args.cluster, args.step, args.out, args.tail)
 
 
 def _download(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().download(config, _aws(args, config), args.run, args.out, args.overwrite)
+    return _aws_module().download(config, _aws(args, config), args.run, args.out, args.overwrite)
 
 
 def _down(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands().down(config, _aws(args, config), args.cluster, args.yes, args.wait, args.interval, args.timeout)
+    return _aws_module().down(config, _aws(args, config), args.cluster, args.yes, args.wait, args.interval, args.timeout)
 
 
 def _cost(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.cluster:
-        return _commands().cost_actual(config, _aws(args, config), args.cluster, args.images)
+        return _aws_module().cost_actual(config, _aws(args, config), args.cluster, args.images)
     images = 10_000 if args.images is None else args.images
     print(cost.format_estimate(config, cost.estimate(config, images, args.throughput, args.startup_minutes)))
     return 0
@@ -233,7 +233,7 @@ def _cost(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     config = _config(args)
-    return _commands("audit").audit(_aws(args, config), all_regions=args.all_regions, costs=args.costs,
+    return _aws_module("audit").audit(_aws(args, config), all_regions=args.all_regions, costs=args.costs,
                                     max_objects=args.max_objects)
 
 
