@@ -1,8 +1,12 @@
-"""int8 feature extractors: ONNX Runtime static quantization, calibrated on a fixed sample of the run's images.
+"""int8 feature extractors: ONNX Runtime static quantization, calibrated on a fixed sample of images.
+
+The sample is the run's own selection (`run --precision int8`, on a driver with the driver extra: the quantizer
+imports onnx) or, for an int8 model artifact, the `--calibration SRC` of `export-model`, so nodes without onnx
+run int8 from the artifact.
 
 QDQ format, int8 per-channel weights and uint8 activations (the combination ONNX Runtime's x86 int8 kernels run
 fastest; int8 activations measured no faster than fp32). Activation ranges come from min/max over
-CALIBRATION_IMAGES images spread evenly over the run's selection. The result is cached next to the fp32 export,
+CALIBRATION_IMAGES images spread evenly over that selection. The result is cached next to the fp32 export,
 named by a hash of the fp32 model, the preprocessing, the calibration images and these settings, so a run and
 its resume use the same file and an int8 model never shares a model key with its fp32 source.
 """

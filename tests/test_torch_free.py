@@ -24,7 +24,7 @@ from fruitpipe.models.artifact import (ARTIFACT_JSON, ARTIFACT_ONNX, ModelArtifa
 from fruitpipe.models.specs import get_spec
 from tests.support import venvs
 
-SMALL_RUN = ["--limit", "24", "--pca-k", "4", "--master", "local[2]"]
+SMALL_RUN = ["--limit", "24", "--pca-k", "4", "--shard-size", "12", "--master", "local[2]"]
 NODE_TIMEOUT_S = 300
 EXTRA = "pip install 'fruitpipe[driver]'"
 
@@ -74,8 +74,8 @@ def dev_run(demo_root: Path, spark, cache_dir: str, tmp_path_factory: pytest.Tem
     import fruitpipe
 
     output = tmp_path_factory.mktemp("dev") / "run"
-    return fruitpipe.run(source=str(demo_root), output=str(output), limit=24, pca_k=4, cache_dir=cache_dir,
-                         quiet=True)
+    return fruitpipe.run(source=str(demo_root), output=str(output), limit=24, pca_k=4, shard_size=12,
+                         cache_dir=cache_dir, quiet=True)
 
 
 def _features(run_dir: Path, directory: str = "features", column: str = "features") -> dict[str, np.ndarray]:
@@ -112,11 +112,12 @@ def test_run_from_an_artifact_without_torch_equals_a_dev_run(node_run: Path, dev
     assert stored == original
 
 
+@pytest.mark.slow
 def test_transform_and_evaluate_without_torch(node_venv: Path, node_run: Path, demo_root: Path, dev_run,
                                               tmp_path: Path) -> None:
     projected = tmp_path / "transformed"
     result = node(node_venv, "transform", str(node_run), str(demo_root), str(projected), "--limit", "24",
-                  "--master", "local[2]", cwd=tmp_path)
+                  "--shard-size", "12", "--master", "local[2]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # The same images as the run: transform must reproduce the dev run's features with the stored model.
     _assert_same_features(_features(projected), _features(Path(dev_run.output)))
@@ -165,8 +166,8 @@ def test_an_artifact_run_resumes_an_exporting_run_only_with_the_same_bytes(dev_r
                                                                             tmp_path: Path) -> None:
     import fruitpipe
 
-    options = {"source": str(demo_root), "output": dev_run.output, "limit": 24, "pca_k": 4, "quiet": True,
-               "cache_dir": cache_dir}
+    options = {"source": str(demo_root), "output": dev_run.output, "limit": 24, "pca_k": 4, "shard_size": 12,
+               "quiet": True, "cache_dir": cache_dir}
     resumed = fruitpipe.run(model_file=str(artifact_dir), **options)
     assert resumed.shards_resumed == resumed.shards_total == dev_run.shards_total
     artifact, onnx = load_artifact(str(artifact_dir))
