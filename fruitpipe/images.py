@@ -6,6 +6,7 @@ Pure numpy/PIL (and simplejpeg for the fast JPEG path): no Spark, no torch, so e
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # A 10,000 x 10,000 photo is legitimate input; decompression bombs beyond this are refused.
 Image.MAX_IMAGE_PIXELS = 200_000_000
+# Pillow warns on the console (and raises only beyond twice the limit); decode_rgb makes every image over the limit
+# its error row instead. A filter set once, because warnings.catch_warnings is not thread-safe and decoding runs
+# in threads: a restore racing another thread's could leave the warning printing.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 _INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -59,15 +65,18 @@ def decode_rgb(data: bytes, target_size: int | None = None) -> tuple[Image.Image
     if plain is not None:
         return plain
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            stored_size = image.size
-            if target_size is not None and image.format == "JPEG":
-                image.draft("RGB", (target_size, target_size))
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from None
+        image = Image.open(io.BytesIO(data))
+        stored_size = image.size
+        if stored_size[0] * stored_size[1] > Image.MAX_IMAGE_PIXELS:
+            raise _too_large(stored_size[0] * stored_size[1])
+        if target_size is not None and image.format == "JPEG":
+            image.draft("RGB", (target_size, target_size))
+        image.load()
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:  # beyond twice the limit Pillow refuses before we see the size
+        found = _BOMB_PIXELS.search(str(exc))
+        raise (_too_large(int(found.group(1))) if found else ImageDecodeError(f"image too large: {exc}")) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image: no known image format in the bytes") from None
     except Exception as exc:  # PIL raises many types for corrupt data; all mean "not decodable"
@@ -76,6 +85,10 @@ def decode_rgb(data: bytes, target_size: int | None = None) -> tuple[Image.Image
         raise ImageDecodeError(f"image too small: {stored_size[0]}x{stored_size[1]} (minimum {MIN_SIDE}x{MIN_SIDE})")
     image = ImageOps.exif_transpose(image)
     return to_rgb(image), stored_size
+
+
+def _too_large(pixels: int) -> ImageDecodeError:
+    return ImageDecodeError(f"image too large: {pixels} pixels (limit {Image.MAX_IMAGE_PIXELS})")
 
 
 def _plain_jpeg(data: bytes, target_size: int | None) -> tuple[Image.Image, tuple[int, int]] | None:
