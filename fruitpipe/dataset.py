@@ -18,25 +18,42 @@ from fruitpipe.storage import find_files, locate
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+SPLITS = ("Training", "Test")
+
+
 @dataclass(frozen=True)
 class ImageRecord:
-    """One listed image: `path` is relative to the source root and is the stable key of every output row."""
+    """One listed image: `path` is relative to the source root and is the stable key of every output row;
+    `version` (mtime or ETag) is part of its identity on resume, so a file rewritten in place is not stale."""
 
     image_id: str
     path: str
     label: str
     split: str
     bytes: int
+    version: str
+
+
+@dataclass(frozen=True)
+class UnlistedFile:
+    """A file a run cannot take as an image, with its class folder ('' when in none) and why: it becomes a
+    `list` error row."""
+
+    path: str
+    label: str
+    reason: str
 
 
 @dataclass(frozen=True)
 class Listing:
-    """What a source holds for one split: the images, the files that are not images, and the class names."""
+    """What a source holds for one split: the images, the files that cannot be images (with why), the class names,
+    and how many hidden files (name starting with '.') were skipped."""
 
     source: str
     split: str
     images: list[ImageRecord]
-    other_files: list[str]
+    other_files: list[UnlistedFile]
+    hidden_files: int = 0
 
     @property
     def classes(self) -> list[str]:
@@ -49,36 +66,52 @@ def image_id_for(relative_path: str) -> str:
 
 
 def list_split(source: str, split: str) -> Listing:
-    """List `<source>/<split>/<class>/*` images; a source without split folders is read as one split."""
+    """List `<source>/<split>/<class>/*` images; a source without split folders is read as one split.
+
+    Nothing in the split is dropped silently: hidden files are counted, and every other file outside a usable
+    class folder (loose in the split folder, in a hidden folder, in a folder beside the split folders, not a
+    regular file) is an UnlistedFile with its reason. The other split's files are simply not this run's.
+    """
     location = locate(source)
     files = find_files(location, location.path)
     if not files:
         raise FruitpipeError(f"source {source} is missing or empty")
     prefix = location.path.rstrip("/") + "/"
-    relative = {path[len(prefix):]: size for path, size in files.items() if path.startswith(prefix)}
-    has_splits = any(path.split("/", 1)[0] in ("Training", "Test") for path in relative)
+    relative = {path[len(prefix):]: entry for path, entry in files.items() if path.startswith(prefix)}
+    has_splits = any(path.split("/", 1)[0] in SPLITS for path in relative)
     images: list[ImageRecord] = []
-    other_files: list[str] = []
-    for path, size in sorted(relative.items()):
+    other_files: list[UnlistedFile] = []
+    hidden_files = 0
+    for path, entry in sorted(relative.items()):
         parts = path.split("/")
-        if any(part.startswith(".") for part in parts):
+        if has_splits and parts[0] in SPLITS and parts[0] != split:
             continue
-        if has_splits:
-            if parts[0] != split or len(parts) < 3:
-                continue
-            label = parts[1]
+        if parts[-1].startswith(".") or (has_splits and parts[0].startswith(".")):
+            hidden_files += 1  # .DS_Store, editor temp files; and .git, .cache beside the split folders
+            continue
+        if has_splits and parts[0] != split:
+            other_files.append(UnlistedFile(path, "", "not in a split folder (Training/Test)"))
+            continue
+        in_split = parts[1:] if has_splits else parts
+        if len(in_split) < 2:
+            other_files.append(UnlistedFile(path, "", "not in a class folder"))
+            continue
+        label = in_split[0]
+        hidden_folder = next((part for part in in_split[:-1] if part.startswith(".")), None)
+        if hidden_folder is not None:
+            other_files.append(UnlistedFile(path, label, f"in a hidden folder ({hidden_folder}): rename it to "
+                                                         "include its images"))
+        elif entry.problem:
+            other_files.append(UnlistedFile(path, label, entry.problem))
+        elif path.lower().endswith(IMAGE_SUFFIXES):
+            images.append(ImageRecord(image_id_for(path), path, label, split if has_splits else "", entry.size,
+                                      entry.version))
         else:
-            if len(parts) < 2:
-                continue
-            label = parts[0]
-        if path.lower().endswith(IMAGE_SUFFIXES):
-            images.append(ImageRecord(image_id_for(path), path, label, split if has_splits else "", size))
-        else:
-            other_files.append(path)
+            other_files.append(UnlistedFile(path, label, "not an image file (unsupported file suffix)"))
     if not images:
         where = f"{source}/{split}" if has_splits else source
         raise FruitpipeError(f"no images found under {where} (expected <class>/*.jpg folders)")
-    return Listing(source=source, split=split, images=images, other_files=other_files)
+    return Listing(source=source, split=split, images=images, other_files=other_files, hidden_files=hidden_files)
 
 
 def select(images: list[ImageRecord], selection: Selection) -> list[ImageRecord]:

@@ -1,7 +1,7 @@
 """The work of one shard, run inside a Spark task: read bytes -> decode + resize -> ONNX batches -> write.
 
 Reads and decodes run in a few daemon threads ahead of inference (PIL and the network release the GIL), bounded
-so memory stays flat; one that hangs past the read timeout is abandoned. Every image ends as a features row or an
+so memory stays flat; one that hangs past the read timeout is abandoned (`prefetch`). Every image ends as a features row or an
 error row with its stage; the shard's outputs are written whole, and its stats file, written last, marks it done.
 On resume a shard counts as done only when its stats file and its parts agree (`completed_shards`).
 """
@@ -11,13 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
 import re
 import socket
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,14 +25,16 @@ import pyarrow as pa
 from fruitpipe import sinks
 from fruitpipe.images import ImageDecodeError, Preprocessing, image_size, preprocess
 from fruitpipe.inference import extract_features, session_for
+from fruitpipe.prefetch import Job, Loaded, prefetched
 from fruitpipe.storage import (Location, StorageUnavailable, list_names, locate, read_bytes, remove_tree,
                                with_retries)
 
-IMAGE_COLUMNS = ["image_id", "path", "label", "label_index", "split", "bytes", "shard_id"]
+IMAGE_COLUMNS = ["image_id", "path", "label", "label_index", "split", "bytes", "shard_id", "version"]
+# The Spark schema of the image rows the driver sends to the shard tasks, in IMAGE_COLUMNS order.
+IMAGE_SCHEMA = ("image_id string, path string, label string, label_index int, split string, bytes long, shard_id int, "
+                "version string")
 # Images decoded ahead of inference, at least: enough to keep io_threads busy and hide object-store latency.
 PREFETCH_IMAGES = 32
-# More hung reads than this in one shard means the storage hangs, not one file: fail the task so Spark retries it.
-MAX_HUNG_READS = 8
 # storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
 _PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
@@ -55,16 +54,6 @@ class ExtractionSettings:
 
 
 @dataclass
-class _Loaded:
-    tensor: np.ndarray | None = None
-    width: int = 0
-    height: int = 0
-    image_format: str = ""
-    stage: str = ""
-    reason: str = ""
-
-
-@dataclass
 class ShardTimer:
     """Seconds spent per phase inside one shard (read+decode overlap inference, so they do not add up)."""
 
@@ -76,34 +65,18 @@ class ShardTimer:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
-class _Job:
-    """One image's load as the prefetcher tracks it: which stage it is in, since when, and its result."""
-
-    record: dict
-    stage: str = "read"
-    started: float | None = None
-    result: _Loaded | None = None
-    abandoned: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-class HungReadsError(RuntimeError):
-    """Many reads of one shard hung: the storage is at fault, not single images, so the task fails and is retried."""
-
-
-def _load(source: Location, job: _Job, prep: Preprocessing, timer: ShardTimer) -> _Loaded:
+def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) -> Loaded:
     started = time.perf_counter()
     try:
         data = read_bytes(source, source.join(job.record["path"]))
     except FileNotFoundError:
-        return _Loaded(stage="read", reason="file vanished after listing (not found)")
+        return Loaded(stage="read", reason="file vanished after listing (not found)")
     except PermissionError as exc:
-        return _Loaded(stage="read", reason=f"permission denied: {exc.strerror or exc}")
+        return Loaded(stage="read", reason=f"permission denied: {exc.strerror or exc}")
     except StorageUnavailable:
         raise
     except Exception as exc:
-        return _Loaded(stage="read", reason=f"{type(exc).__name__}: {exc}")
+        return Loaded(stage="read", reason=f"{type(exc).__name__}: {exc}")
     finally:
         timer.read += time.perf_counter() - started
     job.stage = "decode"
@@ -111,94 +84,15 @@ def _load(source: Location, job: _Job, prep: Preprocessing, timer: ShardTimer) -
     try:
         tensor, (width, height) = preprocess(data, prep)
         header = image_size(data)
-        return _Loaded(tensor, width, height, header[2] if header else "")
+        return Loaded(tensor, width, height, header[2] if header else "")
     except ImageDecodeError as exc:
         header = image_size(data)
-        return _Loaded(width=header[0] if header else 0, height=header[1] if header else 0,
-                       image_format=header[2] if header else "", stage="decode", reason=str(exc))
+        return Loaded(width=header[0] if header else 0, height=header[1] if header else 0,
+                      image_format=header[2] if header else "", stage="decode", reason=str(exc))
     except Exception as exc:
-        return _Loaded(stage="decode", reason=f"{type(exc).__name__}: {exc}")
+        return Loaded(stage="decode", reason=f"{type(exc).__name__}: {exc}")
     finally:
         timer.decode += time.perf_counter() - started
-
-
-def _prefetched(records: list[dict], load: Callable[[_Job], _Loaded], threads: int, window: int, timeout_s: float,
-                max_hung: int = MAX_HUNG_READS) -> Iterator[tuple[dict, _Loaded]]:
-    """Loads in input order, up to `window` ahead on `threads` daemon threads.
-
-    A load running longer than timeout_s (a hung network read, a FIFO, a pathological file) becomes an error row;
-    its thread is abandoned, never joined, and replaced, so neither the shard nor the worker process's exit waits
-    for it. More than `max_hung` hung loads raise HungReadsError.
-    """
-    lock = threading.Lock()
-    jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-    closed = threading.Event()
-
-    def work() -> None:
-        while (job := jobs.get()) is not None:
-            if closed.is_set():
-                continue
-            with lock:
-                job.started = time.monotonic()
-            try:
-                loaded: _Loaded | StorageUnavailable = load(job)
-            except StorageUnavailable as exc:
-                loaded = exc
-            with lock:
-                job.result = loaded
-                job.done.set()
-                if job.abandoned:
-                    return
-
-    def start_thread() -> None:
-        threading.Thread(target=work, name="fruitpipe-load", daemon=True).start()
-
-    def outcome(job: _Job) -> _Loaded | None:
-        """The job's result, or None once it has run longer than the timeout (it is then abandoned)."""
-        while True:
-            with lock:
-                if job.result is not None:
-                    return job.result
-                if job.started is not None and time.monotonic() - job.started >= timeout_s:
-                    job.abandoned = True
-                    return None
-                wait = 0.05 if job.started is None else job.started + timeout_s - time.monotonic()
-            job.done.wait(max(wait, 0.001))
-
-    pending: deque[_Job] = deque()
-    upcoming = iter(records)
-
-    def submit_next() -> None:
-        record = next(upcoming, None)
-        if record is not None:
-            pending.append(job := _Job(record))
-            jobs.put(job)
-
-    hung = 0
-    for _ in range(threads):
-        start_thread()
-    try:
-        for _ in range(window):
-            submit_next()
-        while pending:
-            job = pending.popleft()
-            loaded = outcome(job)
-            if isinstance(loaded, StorageUnavailable):
-                raise loaded
-            if loaded is None:
-                hung += 1
-                if hung > max_hung:
-                    raise HungReadsError(f"{hung} images hung longer than {timeout_s:g} s each; is the source storage "
-                                         "reachable?")
-                start_thread()
-                action = "reading" if job.stage == "read" else "decoding"
-                loaded = _Loaded(stage=job.stage, reason=f"timed out after {timeout_s:g} s {action}")
-            submit_next()
-            yield job.record, loaded
-    finally:
-        closed.set()
-        for _ in range(threads):
-            jobs.put(None)
 
 
 def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettings,
@@ -230,7 +124,7 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
         timer.infer += time.perf_counter() - started
         batch.clear()
 
-    loaded_stream = _prefetched(records, lambda job: _load(source, job, settings.preprocessing, timer),
+    loaded_stream = prefetched(records, lambda job: _load(source, job, settings.preprocessing, timer),
                                 threads=settings.io_threads, window=max(2 * settings.batch_size, PREFETCH_IMAGES),
                                 timeout_s=settings.read_timeout_s)
     for record, loaded in loaded_stream:
@@ -295,10 +189,11 @@ def _task_attempt() -> int:
 
 
 def records_digest(records: Iterable[dict]) -> str:
-    """sha256 over the images' paths and sizes, in order: equal only for the same images in the same order."""
+    """sha256 over the images' paths, sizes and versions (mtime or ETag), in order: equal only for the same images,
+    unchanged, in the same order, so a file rewritten in place with the same size is not taken for done."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(f"{record['path']}\0{record['bytes']}\n".encode())
+        digest.update(f"{record['path']}\0{record['bytes']}\0{record['version']}\n".encode())
     return digest.hexdigest()
 
 

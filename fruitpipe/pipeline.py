@@ -20,7 +20,7 @@ import yaml
 
 from fruitpipe import __version__, sinks
 from fruitpipe.config import RunConfig, auto_shard_size
-from fruitpipe.dataset import ImageRecord, label_indices, list_split, select
+from fruitpipe.dataset import ImageRecord, UnlistedFile, label_indices, list_split, select
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import ExtractionSettings, completed_shards, records_digest, remove_partial_writes
 from fruitpipe.extras import MissingExtra
@@ -52,6 +52,7 @@ class RunResult:
     feature_dim: int
     executors: list[str] = field(default_factory=list)
     spark_master: str = ""
+    hidden_files_skipped: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -149,7 +150,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     listing = list_split(config.source, config.split)
     selection = config.selection()
     images = select(listing.images, selection)
-    unlisted = [path for path in listing.other_files if _in_selection(path, listing.split, selection)]
+    unlisted = [file for file in listing.other_files if _in_selection(file, selection)]
     seconds["list"] = time.perf_counter() - phase
     if config.shard_size is None:
         config = dataclasses.replace(config, shard_size=auto_shard_size(len(images)))
@@ -208,7 +209,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
-                       spark_master=spark_master, **counts)
+                       spark_master=spark_master, hidden_files_skipped=listing.hidden_files, **counts)
     _write_documents(out, config, artifact, model, result, stats, fingerprint)
     return result
 
@@ -220,20 +221,20 @@ def _check_k(k: int | None, feature_dim: int, image_count: int) -> None:
         raise FruitpipeError(f"--pca-k {k} is larger than the number of selected images ({image_count})")
 
 
-def _in_selection(path: str, split: str, selection) -> bool:
-    """A non-image file counts as a failed image when its class is selected and no cap applies."""
+def _in_selection(unlisted: UnlistedFile, selection) -> bool:
+    """A file that cannot be an image counts as a failed image when no cap applies and its class is selected (one
+    in no class folder: when no class is chosen)."""
     if selection.limit is not None or selection.per_class is not None:
         return False
-    parts = path.split("/")
-    label = parts[1] if split and len(parts) > 2 else parts[0]
-    return not selection.classes or any(fnmatch.fnmatchcase(label, glob) for glob in selection.classes)
+    return not selection.classes or any(fnmatch.fnmatchcase(unlisted.label, glob)
+                                        for glob in selection.classes if unlisted.label)
 
 
 def plan_shards(images: list[ImageRecord], shard_size: int) -> dict[int, list[dict]]:
     """Deterministic shards of `shard_size` images in path order: the unit of work, output and resume."""
     indices = label_indices(images)
     rows = [{"image_id": r.image_id, "path": r.path, "label": r.label, "label_index": indices[r.label],
-             "split": r.split, "bytes": r.bytes} for r in images]
+             "split": r.split, "bytes": r.bytes, "version": r.version} for r in images]
     shards: dict[int, list[dict]] = {}
     for shard_id, start in enumerate(range(0, len(rows), shard_size)):
         shards[shard_id] = [{**row, "shard_id": shard_id} for row in rows[start:start + shard_size]]
@@ -283,9 +284,9 @@ def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: d
         raise FruitpipeError(f"cannot write to output {config.output}: {exc.strerror or exc}") from None
 
 
-def _write_listing_errors(out: Location, unlisted: list[str]) -> None:
-    rows = [{"image_id": "", "path": path, "label": path.split("/")[-2] if "/" in path else "",
-             "stage": "list", "reason": "not an image file (unsupported file suffix)"} for path in unlisted]
+def _write_listing_errors(out: Location, unlisted: list[UnlistedFile]) -> None:
+    rows = [{"image_id": "", "path": file.path, "label": file.label, "stage": "list", "reason": file.reason}
+            for file in unlisted]
     sinks.write_parquet(out, sinks.ERRORS, sinks.LISTING_ERRORS_PART, pa.Table.from_pylist(rows, schema=sinks.ERRORS_SCHEMA))
 
 
@@ -353,7 +354,7 @@ def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, 
     manifest = {
         "fruitpipe": __version__, "fingerprint": fingerprint, "created_unix": time.time(),
         "source": config.source, "split": config.split, "model": spec.name, "pca_k": model.k,
-        **counts, "shards": result.shards_total, "shards_resumed": result.shards_resumed, "outputs": files,
+        **counts, "hidden_files_skipped": result.hidden_files_skipped, "shards": result.shards_total, "shards_resumed": result.shards_resumed, "outputs": files,
         "documents": [sinks.VARIANCE_CSV, f"{sinks.MODEL_INFO}/model_info.json", sinks.CONFIG_YAML,
                       f"{sinks.MODEL}/{sinks.PCA_MODEL_NPZ}", f"{sinks.MODEL}/{sinks.PCA_MODEL_JSON}",
                       f"{sinks.MODEL}/{sinks.ONNX_FILE}", f"{sinks.MODEL}/{ARTIFACT_JSON}", f"{sinks.CSV}/pca.csv", f"{sinks.CSV}/metadata.csv",

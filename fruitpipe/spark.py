@@ -23,7 +23,7 @@ import pandas as pd
 
 from fruitpipe import sinks
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import IMAGE_COLUMNS, ExtractionSettings, process_shard, shard_records
+from fruitpipe.extract import IMAGE_COLUMNS, IMAGE_SCHEMA, ExtractionSettings, process_shard, shard_records
 from fruitpipe.pca import GramStatistics, PcaModel
 from fruitpipe.storage import locate
 
@@ -128,8 +128,7 @@ def run_extraction(spark, shards: dict[int, list[dict]], settings: ExtractionSet
     shard_ids = sorted(shards)
     rows = context.parallelize([shards[i] for i in shard_ids], numSlices=len(shard_ids)).flatMap(lambda rows: rows)
     images = spark.createDataFrame(rows.map(lambda r: tuple(r[c] for c in IMAGE_COLUMNS)),
-                                   schema="image_id string, path string, label string, label_index int, "
-                                          "split string, bytes long, shard_id int")
+                                   schema=IMAGE_SCHEMA)
 
     def extract_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for shard_id, records in shard_records(batches).items():

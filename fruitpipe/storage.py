@@ -18,6 +18,7 @@ import errno
 import os
 import random
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -195,15 +196,32 @@ def list_names(location: Location, directory: str) -> list[str]:
     return with_retries(listing, location.uri(directory))
 
 
-def find_files(location: Location, root: str) -> dict[str, int]:
-    """Every file below `root` as {path: size}, from one flat listing (paged prefix listing on S3, 1,000 keys a
-    call, never a walk per folder). Zero-byte `name/` folder markers that consoles create are not files."""
-    def listing() -> dict[str, int]:
+@dataclass(frozen=True)
+class ListedFile:
+    """One listed file: its size, a version that changes when its content is rewritten (mtime locally, ETag on S3,
+    else the last-modified time), and `problem`, why it cannot be read as a file ('' for a regular file)."""
+
+    size: int
+    version: str
+    problem: str = ""
+
+
+def find_files(location: Location, root: str) -> dict[str, ListedFile]:
+    """Every file below `root` as {path: ListedFile}, from one flat listing (paged prefix listing on S3, 1,000 keys a
+    call, never a walk per folder). Zero-byte `name/` folder markers that consoles create are not files.
+
+    Local folders are walked following folder symlinks (a link back to a folder above it is reported, not
+    followed); FIFOs, sockets, devices, broken links and unlistable folders are reported with their problem, so
+    nobody opens a FIFO and waits forever.
+    """
+    def listing() -> dict[str, ListedFile]:
+        if location.is_local:
+            return _local_files(root)
         try:
             found = location.fs.find(root, detail=True)
         except FileNotFoundError:
             return {}
-        return {path: int(info.get("size") or 0) for path, info in found.items()
+        return {path: ListedFile(int(info.get("size") or 0), _object_version(info)) for path, info in found.items()
                 if info.get("type") != "directory" and not path.endswith("/")}
     try:
         return with_retries(listing, location.uri(root))
@@ -214,6 +232,80 @@ def find_files(location: Location, root: str) -> dict[str, int]:
             raise FruitpipeError(f"cannot list {location.uri(root)}: no credentials found (set AWS_PROFILE or "
                                  "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run with an instance role)") from None
         raise
+
+
+def _object_version(info: dict) -> str:
+    """What an object store says changes on every rewrite: the ETag, else the last-modified time."""
+    for key in ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return ""
+
+
+def _local_files(root: str) -> dict[str, ListedFile]:
+    """Walk `root` (depth first, symlinks followed): regular files with their mtime, anything else with its problem."""
+    try:
+        top = os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    if not stat.S_ISDIR(top.st_mode):
+        return {}
+    found: dict[str, ListedFile] = {}
+    # Each folder to list with the (device, inode) of the real folders above it: a link to one of them is a loop.
+    folders: list[tuple[str, frozenset[tuple[int, int]]]] = [(root, frozenset({(top.st_dev, top.st_ino)}))]
+    while folders:
+        folder, above = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                listed = list(entries)
+        except OSError as exc:
+            if folder == root:
+                raise
+            found[folder] = ListedFile(0, "", f"folder cannot be listed ({exc.strerror or exc})")
+            continue
+        for entry in listed:
+            path = f"{folder}/{entry.name}"
+            try:
+                info = entry.stat()
+            except FileNotFoundError:
+                if entry.is_symlink():
+                    found[path] = ListedFile(0, "", "broken symbolic link (its target is missing)")
+                continue  # deleted while listing
+            except OSError as exc:
+                found[path] = ListedFile(0, "", f"cannot be listed ({exc.strerror or exc})")
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if key in above:
+                    found[path] = ListedFile(0, "", "folder symlink loop: links to a folder above it (not followed)")
+                else:
+                    folders.append((path, above | {key}))
+            elif stat.S_ISREG(info.st_mode):
+                found[path] = ListedFile(info.st_size, str(info.st_mtime_ns))
+            else:
+                found[path] = ListedFile(0, "", f"not a regular file ({_file_kind(info.st_mode)})")
+    return found
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def require_regular_file(location: Location, path: str) -> None:
+    """Refuse, with one line, a path that is a folder, a FIFO, a socket or a device: reading one would fail or block
+    forever. A missing path raises FileNotFoundError for the caller to word."""
+    uri = location.uri(path)
+    if location.is_local:
+        mode = os.stat(path).st_mode
+        folder, irregular = stat.S_ISDIR(mode), not stat.S_ISREG(mode)
+    else:
+        folder = irregular = with_retries(lambda: location.fs.isdir(path), uri)
+    if folder:
+        raise FruitpipeError(f"{uri} is a folder, not an image file")
+    if irregular:
+        raise FruitpipeError(f"{uri} is not a regular file ({_file_kind(mode)}); give an image file")
 
 
 def remove_tree(location: Location, path: str) -> None:
