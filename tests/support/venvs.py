@@ -49,21 +49,25 @@ def _pip(venv: Path, *args: str) -> None:
 
 
 def base_venv(root: Path = ROOT) -> Path:
-    """A venv holding exactly the locked base dependencies, built once per deps_key and then reused.
+    """A venv holding exactly the locked base dependencies, built once per deps_key and then reused."""
+    return _built_once(VENV_CACHE / deps_key(root), ["-c", str(root / "requirements.lock"), *base_dependencies(root)])
+
+
+def _built_once(venv: Path, pip_args: list[str]) -> Path:
+    """`venv` with `pip install pip_args` done, unless a complete earlier build is there.
 
     Built in place under a file lock (a venv cannot be moved after creation); a marker written last tells a
     complete install from one cut short, which is removed and rebuilt.
     """
     VENV_CACHE.mkdir(parents=True, exist_ok=True)
-    venv = VENV_CACHE / deps_key(root)
     with open(VENV_CACHE / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (venv / COMPLETE_MARKER).is_file():
             return venv
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        _pip(venv, "-c", str(root / "requirements.lock"), *base_dependencies(root))
-        (venv / COMPLETE_MARKER).write_text("\n".join(base_dependencies(root)) + "\n")
+        _pip(venv, *pip_args)
+        (venv / COMPLETE_MARKER).write_text("\n".join(pip_args) + "\n")
     return venv
 
 
@@ -86,3 +90,9 @@ def node_venv(root: Path = ROOT) -> Path:
     venv = base_venv(root)
     install_checkout(venv, root)
     return venv
+
+
+def cached_venv(name: str, requirements: list[str]) -> Path:
+    """A venv of a tool the tests run as a real program (e.g. the AWS CLI), built once per requirement set."""
+    digest = hashlib.sha256("\n".join([sys.version, *requirements]).encode()).hexdigest()[:16]
+    return _built_once(VENV_CACHE / f"{name}-{digest}", requirements)
