@@ -102,7 +102,7 @@ def build_inventory(source: str, output: str, threads: int = 16,
 
 def _check_output(out: Location, output: str) -> None:
     """Refuse an output that is a file, or a run folder (its files would mix with the run's), before any work."""
-    if out.fs.isfile(out.path):
+    if out.call("isfile", out.path):
         raise FruitpipeError(f"inventory output {output} is a file; choose a folder")
     if exists(out, out.join(sinks.RUN_MARKER)):
         raise FruitpipeError(f"inventory output {output} is a fruitpipe run folder; choose another folder")

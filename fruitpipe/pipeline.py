@@ -245,7 +245,7 @@ def _check_output(out: Location, config: RunConfig, fingerprint: str, planned: d
     """Before anything is written: refuse a folder holding something else, or a run of another configuration or
     of another set of images (the source changed since), rather than mix the two."""
     try:
-        if out.fs.isfile(out.path):
+        if out.call("isfile", out.path):
             raise FruitpipeError(f"output {config.output} is a file; choose a folder")
         names = list_names(out, out.path)
     except OSError as exc:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fruitpipe.storage import Location, list_names, read_bytes, write_bytes
+from fruitpipe.storage import Location, list_names, read_bytes, read_tail, write_bytes
 
 FEATURES = "features"
 PCA = "pca"
@@ -40,6 +40,9 @@ PCA_MODEL_NPZ = "pca_model.npz"
 PCA_MODEL_JSON = "pca_model.json"
 ONNX_FILE = "feature_extractor.onnx"
 LISTING_ERRORS_PART = "part-listing.parquet"
+PARQUET_MAGIC = b"PAR1"
+# Enough for the footer of any part fruitpipe writes (a few KB), so counting rows is one small read.
+_FOOTER_READ_BYTES = 64 * 1024
 
 KEY_FIELDS = [
     pa.field("image_id", pa.string()),
@@ -112,9 +115,18 @@ def read_parquet(out: Location, directory: str, name: str) -> pa.Table:
 
 
 def parquet_rows(out: Location, directory: str, name: str) -> int:
-    """Row count from the Parquet footer alone."""
-    with out.fs.open(out.join(directory, name), "rb") as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+    """Row count from the Parquet footer alone: one ranged read of the file's end (a second for a huge footer).
+
+    The footer is parsed behind a stand-in for the file's leading magic; a torn file raises ValueError or OSError.
+    """
+    path = out.join(directory, name)
+    tail = read_tail(out, path, _FOOTER_READ_BYTES)
+    if len(tail) < 12 or tail[-4:] != PARQUET_MAGIC:
+        raise ValueError(f"{out.uri(path)} does not end like a Parquet file")
+    footer_bytes = int.from_bytes(tail[-8:-4], "little") + 8
+    if footer_bytes > len(tail):
+        tail = read_tail(out, path, footer_bytes)
+    return pq.read_metadata(pa.BufferReader(PARQUET_MAGIC + tail[-footer_bytes:])).num_rows
 
 
 def read_dataset(out: Location, directory: str, columns: list[str] | None = None) -> pa.Table:

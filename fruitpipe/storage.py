@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import random
 import re
@@ -23,9 +24,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import fsspec
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 
 from fruitpipe.errors import FruitpipeError
@@ -37,6 +39,14 @@ T = TypeVar("T")
 # FRUITPIPE_STORAGE_RETRY_S overrides it (executors read their own environment: spark.executorEnv.* on a cluster).
 RETRY_BUDGET_S = 30.0
 RETRY_BUDGET_ENV = "FRUITPIPE_STORAGE_RETRY_S"
+# How long one call to a store over the network may take, plus a second per MB it sends, before it is cancelled
+# as hung and retried on a fresh connection pool. The S3 client's own timeouts cover connecting and each read,
+# not waiting for a free pooled connection: a call could wait there forever (issue 14, item 10).
+# FRUITPIPE_STORAGE_TIMEOUT_S overrides it.
+CALL_TIMEOUT_S = 30.0
+CALL_TIMEOUT_ENV = "FRUITPIPE_STORAGE_TIMEOUT_S"
+_SECONDS_PER_MB_SENT = 1.0
+_RECONNECT_TIMEOUT_S = 10.0
 
 # Errors worth retrying: the store was briefly unreachable or answered 5xx / throttled.
 _TRANSIENT_NAMES = frozenset({
@@ -53,6 +63,11 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _UNAVAILABLE_LINE = re.compile(r"StorageUnavailable: (.+)")
 
 
+# aiohttp leaves the body-writer task of a request cut by a reset unretrieved, and asyncio then prints its traceback
+# ("Task exception was never retrieved") although the failure already reached the caller, who retries it.
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 class StorageUnavailable(FruitpipeError):
     """The store stayed unreachable through every retry: the run stops with this one line, the next one resumes."""
 
@@ -67,6 +82,24 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    def call(self, method: str, *args: object, sends_bytes: int = 0, **kwargs: object) -> Any:
+        """`fs.<method>(*args, **kwargs)`, cancelled after call_timeout_s() on a store reached over the network.
+
+        A cancelled call leaves the client's connection pool suspect (that is where calls hang), so the client is
+        rebuilt before the caller's retry.
+        """
+        if not self.fs.async_impl:
+            return getattr(self.fs, method)(*args, **kwargs)
+        kwargs["timeout"] = call_timeout_s() + sends_bytes / 1e6 * _SECONDS_PER_MB_SENT
+        try:
+            return getattr(self.fs, method)(*args, **kwargs)
+        except FSTimeoutError:
+            reconnect = getattr(self.fs, "connect", None)
+            if reconnect is not None:
+                with contextlib.suppress(Exception):
+                    reconnect(refresh=True, timeout=_RECONNECT_TIMEOUT_S)
+            raise
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
@@ -121,15 +154,24 @@ def _first_line(exc: BaseException) -> str:
 
 def retry_budget_s() -> float:
     """Seconds of retrying before a store counts as unavailable: FRUITPIPE_STORAGE_RETRY_S, else RETRY_BUDGET_S."""
-    text = os.environ.get(RETRY_BUDGET_ENV)
+    return _seconds_from_env(RETRY_BUDGET_ENV, RETRY_BUDGET_S, minimum=0.0)
+
+
+def call_timeout_s() -> float:
+    """Seconds one storage call may take: FRUITPIPE_STORAGE_TIMEOUT_S, else CALL_TIMEOUT_S."""
+    return _seconds_from_env(CALL_TIMEOUT_ENV, CALL_TIMEOUT_S, minimum=1.0)
+
+
+def _seconds_from_env(name: str, default: float, minimum: float) -> float:
+    text = os.environ.get(name)
     if not text:
-        return RETRY_BUDGET_S
+        return default
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value < 0:
-        raise FruitpipeError(f"{RETRY_BUDGET_ENV} must be a number of seconds >= 0, got {text!r}")
+    if value < minimum:
+        raise FruitpipeError(f"{name} must be a number of seconds >= {minimum:g}, got {text!r}")
     return value
 
 
@@ -139,7 +181,8 @@ def with_retries(action: Callable[[], T], what: str = "storage", budget_s: float
     (default: retry_budget_s()).
 
     A store still failing after that raises StorageUnavailable (inside a Spark task: the task fails, Spark
-    retries it, and a run that cannot finish stops with one line and resumes next time).
+    retries it, and a run that cannot finish stops with one line and resumes next time). A failed first try is
+    always retried once, even when it alone took longer than the budget (a call cancelled as hung).
     """
     budget_s = retry_budget_s() if budget_s is None else budget_s
     started = time.monotonic()
@@ -153,7 +196,7 @@ def with_retries(action: Callable[[], T], what: str = "storage", budget_s: float
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             elapsed = time.monotonic() - started
-            if elapsed + delay > budget_s:
+            if attempt > 1 and elapsed + delay > budget_s:
                 raise StorageUnavailable(
                     f"storage unreachable: {what}: {_first_line(exc)} (gave up after {attempt} tries in "
                     f"{elapsed:.0f} s); run the same command again to resume") from exc
@@ -163,7 +206,12 @@ def with_retries(action: Callable[[], T], what: str = "storage", budget_s: float
 def read_bytes(location: Location, path: str) -> bytes:
     """The whole object at `path`, retried on transient errors (one GET on S3: no size probe first)."""
     options = {} if location.is_local or "s3" not in location.fs.protocol else {"max_concurrency": 1}
-    return with_retries(lambda: location.fs.cat_file(path, **options), location.uri(path))
+    return with_retries(lambda: location.call("cat_file", path, **options), location.uri(path))
+
+
+def read_tail(location: Location, path: str, size: int) -> bytes:
+    """The last `size` bytes of the object at `path` (all of it when smaller): one ranged GET on S3."""
+    return with_retries(lambda: location.call("cat_file", path, start=-size), location.uri(path))
 
 
 def write_bytes(location: Location, path: str, data: bytes) -> None:
@@ -178,18 +226,18 @@ def write_bytes(location: Location, path: str, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         return
-    with_retries(lambda: location.fs.pipe_file(path, data), location.uri(path))
+    with_retries(lambda: location.call("pipe_file", path, data, sends_bytes=len(data)), location.uri(path))
 
 
 def exists(location: Location, path: str) -> bool:
-    return with_retries(lambda: location.fs.exists(path), location.uri(path))
+    return with_retries(lambda: location.call("exists", path), location.uri(path))
 
 
 def list_names(location: Location, directory: str) -> list[str]:
     """Base names of the objects and folders directly in `directory`, listed now (empty when it does not exist)."""
     def listing() -> list[str]:
         try:
-            entries = location.fs.ls(directory, detail=False)
+            entries = location.call("ls", directory, detail=False)
         except FileNotFoundError:
             return []
         return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.rstrip("/") != directory)
@@ -218,7 +266,7 @@ def find_files(location: Location, root: str) -> dict[str, ListedFile]:
         if location.is_local:
             return _local_files(root)
         try:
-            found = location.fs.find(root, detail=True)
+            found = location.call("find", root, detail=True)
         except FileNotFoundError:
             return {}
         return {path: ListedFile(int(info.get("size") or 0), _object_version(info)) for path, info in found.items()
@@ -301,7 +349,7 @@ def require_regular_file(location: Location, path: str) -> None:
         mode = os.stat(path).st_mode
         folder, irregular = stat.S_ISDIR(mode), not stat.S_ISREG(mode)
     else:
-        folder = irregular = with_retries(lambda: location.fs.isdir(path), uri)
+        folder = irregular = with_retries(lambda: location.call("isdir", path), uri)
     if folder:
         raise FruitpipeError(f"{uri} is a folder, not an image file")
     if irregular:
@@ -311,7 +359,7 @@ def require_regular_file(location: Location, path: str) -> None:
 def remove_tree(location: Location, path: str) -> None:
     """Delete `path` and everything below it, if present."""
     if exists(location, path):
-        with_retries(lambda: location.fs.rm(path, recursive=True), location.uri(path))
+        with_retries(lambda: location.call("rm", path, recursive=True), location.uri(path))
 
 
 @contextlib.contextmanager

@@ -30,8 +30,9 @@ SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown
 class FaultyProxy:
     """A TCP proxy on 127.0.0.1 in front of an HTTP server, switchable between three behaviours:
 
-    pass: bytes flow both ways untouched; reset: every connection is cut with a TCP reset, as a stopped or
-    crashing server does; 503: every request is answered `503 SlowDown`, as S3 does when throttling.
+    pass: bytes flow both ways untouched; reset: every connection is cut with a TCP reset, as a crashing server
+    does; 503: every request is answered `503 SlowDown`, as S3 does when throttling; stall: connections are
+    accepted and never answered, as by a frozen (SIGSTOPped) server, and stay so after a switch until close().
     Every switch cuts the connections open at that moment, so pooled connections cannot outlive their mode.
     """
 
@@ -43,6 +44,7 @@ class FaultyProxy:
         self.faults = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._stalled: list[socket.socket] = []
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     @property
@@ -50,7 +52,7 @@ class FaultyProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def set_mode(self, mode: str) -> None:
-        assert mode in ("pass", "reset", "503")
+        assert mode in ("pass", "reset", "503", "stall")
         with self._lock:
             self.mode = mode
             for connection in self._open:
@@ -60,6 +62,8 @@ class FaultyProxy:
     def close(self) -> None:
         self._listener.close()
         self.set_mode("reset")
+        for connection in self._stalled:
+            _reset(connection)
 
     def _accept(self) -> None:
         while True:
@@ -72,6 +76,10 @@ class FaultyProxy:
                 if mode == "reset":
                     self.faults += 1
                     _reset(client)
+                    continue
+                if mode == "stall":
+                    self.faults += 1
+                    self._stalled.append(client)
                     continue
             target = self._pass if mode == "pass" else self._answer_503
             threading.Thread(target=target, args=(client,), daemon=True).start()
@@ -252,3 +260,66 @@ def test_a_long_outage_stops_the_run_with_one_line_and_the_next_run_resumes(stor
     assert again.returncode == 0, stderr[-4000:]
     assert f"images: 72 ok, 0 failed of 72 listed (9 shards, {done_before} resumed)" in stdout
     _assert_complete_and_equal(client, "runs/long-outage", finished_run)
+
+
+def test_a_hung_call_is_cancelled_and_retried_on_a_fresh_connection_pool(store, monkeypatch):
+    """A store that accepts connections and never answers: the call is cancelled at its deadline and retried, and
+    once the store answers again the read completes, long before the S3 client's own 15 s read timeout."""
+    from fruitpipe.storage import locate, read_bytes
+
+    moto, client, proxy = store
+    client.put_object(Bucket=BUCKET, Key="hung/one.bin", Body=b"fruit" * 1000)
+    for name, value in s3_environment(moto, AWS_ENDPOINT_URL=proxy.url, FRUITPIPE_STORAGE_TIMEOUT_S="1",
+                                      FRUITPIPE_STORAGE_RETRY_S="30").items():
+        monkeypatch.setenv(name, value)
+    location = locate(f"s3://{BUCKET}/hung")
+    proxy.set_mode("stall")
+    threading.Timer(2.5, proxy.set_mode, args=("pass",)).start()
+    started = time.monotonic()
+    try:
+        data = read_bytes(location, location.join("one.bin"))
+    finally:
+        proxy.set_mode("pass")
+    elapsed = time.monotonic() - started
+    assert data == b"fruit" * 1000
+    assert 2.5 <= elapsed < 10, f"{elapsed:.1f} s"
+
+
+def test_a_frozen_store_gives_up_in_one_line_within_its_budget(store, monkeypatch):
+    """No call outlives its deadline: a store frozen for good ends in StorageUnavailable, not a hang."""
+    from fruitpipe.storage import StorageUnavailable, locate, read_bytes
+
+    moto, _, proxy = store
+    for name, value in s3_environment(moto, AWS_ENDPOINT_URL=proxy.url, FRUITPIPE_STORAGE_TIMEOUT_S="1",
+                                      FRUITPIPE_STORAGE_RETRY_S="3").items():
+        monkeypatch.setenv(name, value)
+    location = locate(f"s3://{BUCKET}/hung")
+    proxy.set_mode("stall")
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageUnavailable, match="run the same command again to resume"):
+            read_bytes(location, location.join("one.bin"))
+    finally:
+        proxy.set_mode("pass")
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.slow
+def test_short_outages_at_any_moment_never_hang_a_run(store, cache_dir, finished_run):
+    """The short-outage run 20 times over, each outage at a random moment (extraction, PCA or the outputs):
+    503s, then resets, then a frozen store, 1.5 to 4.5 s in all (within the runs' 6 s retry budget): every run
+    completes, with every image."""
+    moto, client, proxy = store
+    schedule = __import__("random").Random(14)
+    for attempt in range(20):
+        output = f"runs/outage-{attempt}"
+        with _run_past_first_shard(store, output, cache_dir) as process:
+            time.sleep(schedule.uniform(0, 8))
+            for mode in ("503", "reset", "stall"):
+                proxy.set_mode(mode)
+                time.sleep(schedule.uniform(0.5, 1.5))
+            proxy.set_mode("pass")
+            stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"attempt {attempt}: {stderr[-4000:]}"
+        assert "images: 72 ok, 0 failed of 72 listed" in stdout
+        _assert_complete_and_equal(client, output, finished_run)
