@@ -1,7 +1,8 @@
 """Every bad image ends as exactly one row, features or error, with the right stage; none stops or hangs a run.
 
 One pipeline run covers a folder holding every bad case next to a few good images; the tests below read its
-outputs. The hang cases (a FIFO named .jpg in the run; a blocked loader in-process) prove the read timeout.
+outputs. The hang cases (a file swapped for a FIFO after listing; a blocked loader in-process) prove the read
+timeout; a FIFO already there when the source is listed is never opened.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from PIL import Image, ImageDraw
 
 from fruitpipe import pipeline
 from fruitpipe.config import build_config
-from fruitpipe.extract import HungReadsError, _Job, _Loaded, _prefetched
 from fruitpipe.images import decode_rgb
+from fruitpipe.prefetch import HungReadsError, Job, Loaded, prefetched
 
 pytestmark = pytest.mark.spark
 
@@ -49,7 +50,8 @@ EXPECTED = {
     "rotated.jpg": ("ok", "JPEG"),
     "unrotated.jpg": ("ok", "JPEG"),
     "rotated_reference.png": ("ok", "PNG"),
-    "fifo.jpg": ("read", f"timed out after {READ_TIMEOUT_S:g} s reading"),
+    "fifo.jpg": ("list", "not a regular file (FIFO)"),
+    "hangs.jpg": ("read", f"timed out after {READ_TIMEOUT_S:g} s reading"),
     "vanishes.jpg": ("read", "vanished"),
     "notes.txt": ("list", "not an image file"),
 }
@@ -95,6 +97,7 @@ def _write_bad_cases(folder: Path, good: bytes) -> None:
     ImageDraw.Draw(huge).ellipse((1500, 1500, 8500, 8500), fill=(240, 200, 20))
     files["huge.jpg"] = _encode(huge, "JPEG", quality=80)
     files["vanishes.jpg"] = good
+    files["hangs.jpg"] = good
     if not AS_ROOT:
         files["unreadable.jpg"] = good
     for name, data in files.items():
@@ -135,6 +138,8 @@ def bad_run(demo_root, spark, cache_dir, tmp_path_factory):
     def list_then_delete(source_uri: str, split: str):
         listing = real_list_split(source_uri, split)
         (training / ODD / "vanishes.jpg").unlink()
+        (training / ODD / "hangs.jpg").unlink()
+        os.mkfifo(training / ODD / "hangs.jpg")
         return listing
 
     output = tmp_path_factory.mktemp("bad-runs") / "out"
@@ -146,7 +151,7 @@ def bad_run(demo_root, spark, cache_dir, tmp_path_factory):
             patch.setattr(pipeline, "list_split", list_then_delete)
             result = pipeline.run(config)
     finally:
-        _release_fifo(training / ODD / "fifo.jpg")
+        _release_fifo(training / ODD / "hangs.jpg")
         if not AS_ROOT:
             (training / ODD / "unreadable.jpg").chmod(0o644)
     return result
@@ -168,7 +173,7 @@ def test_every_listed_file_ends_in_exactly_one_row(bad_run):
     assert len(features) == manifest["images_ok"] and len(errors) == manifest["images_failed"]
     assert set(features["path"]).isdisjoint(errors["path"])
     assert len(set(features["path"]) | set(errors["path"])) == listed
-    assert len(metadata) == listed - 1  # notes.txt is refused at listing, before it could have metadata
+    assert len(metadata) == listed - 2  # notes.txt and fifo.jpg are refused at listing, before any metadata
     assert (metadata["status"] == "ok").sum() == len(features)
 
 
@@ -198,7 +203,7 @@ def test_a_shard_in_which_every_image_fails_is_written_and_done(bad_run):
 
 
 def test_a_hanging_read_ends_within_the_read_timeout(bad_run):
-    shard_id = _shard_of(bad_run, f"Training/{ODD}/fifo.jpg")
+    shard_id = _shard_of(bad_run, f"Training/{ODD}/hangs.jpg")
     stats = json.loads((Path(bad_run.output) / "_shards" / f"part-{shard_id:05d}.json").read_text())
     assert READ_TIMEOUT_S <= stats["seconds"]["wall"] < READ_TIMEOUT_S + 20
 
@@ -249,11 +254,11 @@ def test_an_unreadable_file_is_a_read_error(bad_run):
 
 
 def _loader(blocked: set[str], release: threading.Event):
-    def load(job: _Job) -> _Loaded:
+    def load(job: Job) -> Loaded:
         if job.record["path"] in blocked:
             job.stage = "decode"
             release.wait()
-        return _Loaded(width=1)
+        return Loaded(width=1)
     return load
 
 
@@ -262,8 +267,8 @@ def test_a_hung_load_is_abandoned_after_the_timeout_and_the_rest_keep_their_orde
     release = threading.Event()
     started = time.monotonic()
     try:
-        results = list(_prefetched(records, _loader({"3.jpg", "7.jpg"}, release), threads=2, window=4,
-                                   timeout_s=0.5))
+        results = list(prefetched(records, _loader({"3.jpg", "7.jpg"}, release), threads=2, window=4,
+                                  timeout_s=0.5))
     finally:
         release.set()
     elapsed = time.monotonic() - started
@@ -280,7 +285,7 @@ def test_many_hung_loads_fail_the_shard_so_spark_retries_it():
     release = threading.Event()
     try:
         with pytest.raises(HungReadsError, match="3 images hung longer than 0.2 s"):
-            list(_prefetched(records, _loader({r["path"] for r in records}, release), threads=2, window=6,
-                             timeout_s=0.2, max_hung=2))
+            list(prefetched(records, _loader({r["path"] for r in records}, release), threads=2, window=6,
+                            timeout_s=0.2, max_hung=2))
     finally:
         release.set()

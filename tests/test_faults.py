@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fruitpipe import pipeline
 from fruitpipe.cli import main
 from fruitpipe.config import build_config
 from fruitpipe.pipeline import run
@@ -204,16 +205,25 @@ def _blocked_opening_a_fifo(fifo: Path, timeout_s: float) -> int:
     return waiting()[0]
 
 
-def test_a_python_worker_killed_mid_task_is_retried_by_spark(demo_root, spark, cache_dir, tmp_path):
+def test_a_python_worker_killed_mid_task_is_retried_by_spark(demo_root, spark, cache_dir, tmp_path, monkeypatch):
     """The worker is caught mid-shard, blocked opening a FIFO in the source, and SIGKILLed there; before that a
-    regular copy of a photo replaces the FIFO, so Spark's retry of the task reads a good image."""
+    regular copy of a photo replaces the FIFO, so Spark's retry of the task reads a good image. The FIFO replaces a
+    photo after listing: one already there when the source is listed is an error row, never opened."""
     source = tmp_path / "source" / "Training"
     photos = sorted((demo_root / "Training" / "Banana").glob("*.jpg"))[:6]
     (source / "Banana").mkdir(parents=True)
     for photo in photos:
         shutil.copy(photo, source / "Banana" / photo.name)
     fifo = source / "Banana" / "via-fifo.jpg"
-    os.mkfifo(fifo)
+    shutil.copy(photos[0], fifo)
+    real_list_split = pipeline.list_split
+
+    def list_then_swap(source_uri: str, split: str):
+        listing = real_list_split(source_uri, split)
+        fifo.unlink()
+        os.mkfifo(fifo)
+        return listing
+    monkeypatch.setattr(pipeline, "list_split", list_then_swap)
     out = tmp_path / "out"
     config = build_config({}, {"source": str(source.parent), "output": str(out), "image_size": 96, "pca_k": 2,
                                "shard_size": 3, "read_timeout_s": 120.0, "cache_dir": cache_dir, "quiet": True})
