@@ -21,6 +21,8 @@ from fruitpipe.extras import MissingExtra, optional_module
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
 EXIT_INTERRUPTED = 130
+# A run that finished with images left to retry (their loads timed out): its outputs are valid, not complete.
+EXIT_INCOMPLETE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,8 +198,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fruitpipe.pipeline import run
 
     result = run(_run_config(args))
-    _print_summary(result)
-    return 0
+    return _print_summary(result)
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
@@ -221,18 +222,24 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     from fruitpipe.pipeline import transform
 
     result = transform(args.run_dir, _run_config(args))
-    _print_summary(result)
-    return 0
+    return _print_summary(result)
 
 
-def _print_summary(result) -> None:
+def _print_summary(result) -> int:
+    """Print what a run produced; returns its exit status (EXIT_INCOMPLETE while images are left to retry)."""
     seconds = result.seconds
-    print(f"images: {result.images_ok} ok, {result.images_failed} failed of {result.images_listed} listed "
+    to_retry = f", {result.images_retryable} to retry" if result.images_retryable else ""
+    print(f"images: {result.images_ok} ok, {result.images_failed} failed{to_retry} of {result.images_listed} listed "
           f"({result.shards_total} shards, {result.shards_resumed} resumed)")
     print(f"speed: {result.images_per_second:.1f} images/s end to end ({seconds['total']:.1f} s; "
           f"extract {seconds.get('extract', 0):.1f} s, PCA fit {seconds.get('pca_fit', 0):.2f} s)")
     print(f"PCA: {result.feature_dim} -> {result.pca_k} components, variance kept {result.variance_kept:.1%}")
     print(f"outputs: {result.output} (features/, pca/, metadata/, errors/, variance.csv, manifest.json)")
+    if result.images_retryable:
+        print(f"fruitpipe: {result.images_retryable} images timed out on every attempt (the storage stalled, the "
+              "images may be fine); run the same command again to retry them", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

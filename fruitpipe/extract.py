@@ -1,18 +1,21 @@
 """The work of one shard, run inside a Spark task: read bytes -> decode + resize -> ONNX batches -> write.
 
 Reads and decodes run in a few daemon threads ahead of inference (PIL and the network release the GIL), bounded
-so memory stays flat; one that hangs past the read timeout is abandoned (`prefetch`). Every image ends as a features row or an
-error row with its stage; the shard's outputs are written whole, and its stats file, written last, marks it done.
+so memory stays flat; one that hangs past the read timeout is abandoned (`prefetch`) and loaded again later. Every
+image ends as a features row or an error row with its stage (retryable when it timed out); the shard's outputs are
+written whole, and its stats file, written last, marks it done.
 On resume a shard counts as done only when its stats file and its parts agree (`completed_shards`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,8 @@ IMAGE_SCHEMA = ("image_id string, path string, label string, label_index int, sp
                 "version string")
 # Images decoded ahead of inference, at least: enough to keep io_threads busy and hide object-store latency.
 PREFETCH_IMAGES = 32
+# Pause before loading timed-out images again (doubled for each further attempt): a stalled store gets time back.
+RETRY_PAUSE_S = 2.0
 # storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
 _PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
@@ -50,19 +55,30 @@ class ExtractionSettings:
     batch_size: int
     threads: int
     read_timeout_s: float
+    read_attempts: int = 3
     io_threads: int = 4
 
 
 @dataclass
 class ShardTimer:
-    """Seconds spent per phase inside one shard (read+decode overlap inference, so they do not add up)."""
+    """Seconds spent per phase inside one shard (read+decode overlap inference, so they do not add up).
+
+    The loader threads add to read and decode concurrently, hence the lock.
+    """
 
     read: float = 0.0
     decode: float = 0.0
     infer: float = 0.0
     write: float = 0.0
     wall: float = 0.0
-    counts: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            setattr(self, phase, getattr(self, phase) + seconds)
+
+    def seconds(self) -> dict[str, float]:
+        return {phase: getattr(self, phase) for phase in ("read", "decode", "infer", "write", "wall")}
 
 
 def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) -> Loaded:
@@ -78,7 +94,7 @@ def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) ->
     except Exception as exc:
         return Loaded(stage="read", reason=f"{type(exc).__name__}: {exc}")
     finally:
-        timer.read += time.perf_counter() - started
+        timer.add("read", time.perf_counter() - started)
     job.stage = "decode"
     started = time.perf_counter()
     try:
@@ -92,20 +108,24 @@ def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) ->
     except Exception as exc:
         return Loaded(stage="decode", reason=f"{type(exc).__name__}: {exc}")
     finally:
-        timer.decode += time.perf_counter() - started
+        timer.add("decode", time.perf_counter() - started)
 
 
 def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettings,
                   load_model_bytes: Callable[[], bytes]) -> dict:
-    """Extract features for one shard's images and write its outputs; returns the shard's stats."""
+    """Extract features for one shard's images and write its outputs; returns the shard's stats.
+
+    An image whose load timed out is loaded again, up to settings.read_attempts times in all, after a pause: a
+    timeout says the storage stalled, not that the image is bad. One still failing that way is written as a
+    retryable error row, and the stats count it, so the shard is not done and the next run retries it.
+    """
     wall_started = time.perf_counter()
     timer = ShardTimer()
     source, out = locate(settings.source), locate(settings.output)
     session = session_for(settings.model_key, load_model_bytes, settings.threads)
     ok_rows: list[dict] = []
     ok_vectors: list[np.ndarray] = []
-    metadata_rows: list[dict] = []
-    error_rows: list[dict] = []
+    outcomes: dict[str, Loaded] = {}
     batch: list[tuple[dict, np.ndarray]] = []
 
     def flush() -> None:
@@ -116,31 +136,39 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
             vectors = extract_features(session, np.stack([tensor for _, tensor in batch]))
         except Exception as exc:
             for record, _ in batch:
-                error_rows.append(_error(record, "infer", f"{type(exc).__name__}: {exc}"))
-                _mark_failed(metadata_rows, record["image_id"])
+                loaded = outcomes[record["image_id"]]
+                outcomes[record["image_id"]] = dataclasses.replace(loaded, stage="infer",
+                                                                   reason=f"{type(exc).__name__}: {exc}")
         else:
             ok_rows.extend(record for record, _ in batch)
             ok_vectors.append(vectors)
-        timer.infer += time.perf_counter() - started
+        timer.add("infer", time.perf_counter() - started)
         batch.clear()
 
-    loaded_stream = prefetched(records, lambda job: _load(source, job, settings.preprocessing, timer),
-                                threads=settings.io_threads, window=max(2 * settings.batch_size, PREFETCH_IMAGES),
-                                timeout_s=settings.read_timeout_s)
-    for record, loaded in loaded_stream:
-        ok = loaded.tensor is not None
-        metadata_rows.append({"image_id": record["image_id"], "path": record["path"], "label": record["label"],
-                              "split": record["split"], "width": loaded.width, "height": loaded.height,
-                              "bytes": record["bytes"], "format": loaded.image_format,
-                              "status": "ok" if ok else "failed"})
-        if ok:
-            batch.append((record, loaded.tensor))
-            if len(batch) == settings.batch_size:
-                flush()
-        else:
-            error_rows.append(_error(record, loaded.stage, loaded.reason))
-    flush()
+    pending = records
+    for attempt in range(1, settings.read_attempts + 1):
+        if attempt > 1:
+            time.sleep(RETRY_PAUSE_S * 2 ** (attempt - 2))
+        retry = []
+        for record, loaded in prefetched(pending, lambda job: _load(source, job, settings.preprocessing, timer),
+                                         threads=settings.io_threads,
+                                         window=max(2 * settings.batch_size, PREFETCH_IMAGES),
+                                         timeout_s=settings.read_timeout_s):
+            outcomes[record["image_id"]] = dataclasses.replace(loaded, tensor=None)
+            if loaded.tensor is not None:
+                batch.append((record, loaded.tensor))
+                if len(batch) == settings.batch_size:
+                    flush()
+            elif loaded.retryable:
+                retry.append(record)
+        flush()
+        pending = retry
+        if not pending:
+            break
 
+    metadata_rows = [_metadata_row(record, outcomes[record["image_id"]]) for record in records]
+    error_rows = [_error(record, outcomes[record["image_id"]]) for record in records
+                  if outcomes[record["image_id"]].stage]
     started = time.perf_counter()
     features = np.concatenate(ok_vectors) if ok_vectors else np.zeros((0, 0), dtype=np.float32)
     keys = pd.DataFrame(ok_rows, columns=IMAGE_COLUMNS)
@@ -149,18 +177,18 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
                         pa.Table.from_pylist(metadata_rows, schema=sinks.METADATA_SCHEMA))
     sinks.write_parquet(out, sinks.ERRORS, sinks.part_name(shard_id),
                         pa.Table.from_pylist(error_rows, schema=sinks.ERRORS_SCHEMA))
-    timer.write += time.perf_counter() - started
+    timer.add("write", time.perf_counter() - started)
     timer.wall = time.perf_counter() - wall_started
     stats = {
         "shard_id": shard_id,
         "images": len(records),
         "ok": len(ok_rows),
         "failed": len(error_rows),
+        "retryable": sum(row["retryable"] for row in error_rows),
         "feature_dim": int(features.shape[1]) if features.size else 0,
         "images_sha256": records_digest(records),
         "task_attempt": _task_attempt(),
-        "seconds": {"read": timer.read, "decode": timer.decode, "infer": timer.infer, "write": timer.write,
-                    "wall": timer.wall},
+        "seconds": timer.seconds(),
         "executor": executor_identity(),
         "finished_at": time.time(),
     }
@@ -168,16 +196,16 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
     return stats
 
 
-def _error(record: dict, stage: str, reason: str) -> dict:
+def _metadata_row(record: dict, loaded: Loaded) -> dict:
+    status = "ok" if not loaded.stage else ("retryable" if loaded.retryable else "failed")
     return {"image_id": record["image_id"], "path": record["path"], "label": record["label"],
-            "stage": stage, "reason": reason[:500]}
+            "split": record["split"], "width": loaded.width, "height": loaded.height, "bytes": record["bytes"],
+            "format": loaded.image_format, "status": status}
 
 
-def _mark_failed(metadata_rows: list[dict], image_id: str) -> None:
-    for row in reversed(metadata_rows):
-        if row["image_id"] == image_id:
-            row["status"] = "failed"
-            return
+def _error(record: dict, loaded: Loaded) -> dict:
+    return {"image_id": record["image_id"], "path": record["path"], "label": record["label"],
+            "stage": loaded.stage, "reason": loaded.reason[:500], "retryable": loaded.retryable}
 
 
 def _task_attempt() -> int:
@@ -198,10 +226,12 @@ def records_digest(records: Iterable[dict]) -> str:
 
 
 def completed_shards(out: Location, shards: dict[int, list[dict]]) -> set[int]:
-    """The planned shards already done: stats file present and readable, and every part holding the rows it says.
+    """The planned shards already done: stats file present and readable, every part holding the rows it says, and
+    no image left to retry (one whose load timed out).
 
-    A shard whose stats file exists but whose parts are missing, torn or disagree is not done: its stats file is
-    deleted, so it is redone and a run killed while redoing it cannot mistake it for done.
+    A shard whose stats file exists but whose parts are missing, torn or disagree, or that holds images to retry,
+    is not done: its stats file is deleted, so it is redone and a run killed while redoing it cannot mistake it for
+    done.
     """
     present = set(list_names(out, out.join(sinks.SHARD_STATS)))
     candidates = [shard_id for shard_id in sorted(shards) if sinks.part_name(shard_id, ".json") in present]
@@ -217,7 +247,8 @@ def _shard_is_whole(out: Location, shard_id: int, records: list[dict]) -> bool:
     try:
         stats = sinks.read_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(shard_id, '.json')}")
         if (stats["shard_id"] != shard_id or stats["images"] != len(records)
-                or stats["ok"] + stats["failed"] != len(records) or stats["images_sha256"] != records_digest(records)):
+                or stats["ok"] + stats["failed"] != len(records) or stats["images_sha256"] != records_digest(records)
+                or stats.get("retryable", 0)):
             return False
         expected = {sinks.FEATURES: stats["ok"], sinks.METADATA: stats["images"], sinks.ERRORS: stats["failed"]}
         return all(with_retries(lambda d=directory: sinks.parquet_rows(out, d, sinks.part_name(shard_id))) == rows

@@ -53,6 +53,8 @@ class RunResult:
     executors: list[str] = field(default_factory=list)
     spark_master: str = ""
     hidden_files_skipped: int = 0
+    # Images whose loads timed out on every attempt: not a verdict on them; the next run of the command retries them.
+    images_retryable: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -199,8 +201,10 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
         seconds["pca_transform"] = time.perf_counter() - phase
 
     phase = time.perf_counter()
+    retryable = sum(s.get("retryable", 0) for s in stats)
     counts = {"images_listed": len(images) + len(unlisted), "images_ok": images_ok,
-              "images_failed": sum(s["failed"] for s in stats) + len(unlisted)}
+              "images_failed": sum(s["failed"] for s in stats) - retryable + len(unlisted),
+              "images_retryable": retryable}
     _write_pca_model(out, model, artifact)
     _write_csv_copies(out, config.features_csv)
     seconds["write_outputs"] = time.perf_counter() - phase
@@ -285,8 +289,8 @@ def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: d
 
 
 def _write_listing_errors(out: Location, unlisted: list[UnlistedFile]) -> None:
-    rows = [{"image_id": "", "path": file.path, "label": file.label, "stage": "list", "reason": file.reason}
-            for file in unlisted]
+    rows = [{"image_id": "", "path": file.path, "label": file.label, "stage": "list", "reason": file.reason,
+             "retryable": False} for file in unlisted]
     sinks.write_parquet(out, sinks.ERRORS, sinks.LISTING_ERRORS_PART, pa.Table.from_pylist(rows, schema=sinks.ERRORS_SCHEMA))
 
 
@@ -333,7 +337,7 @@ def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, 
     """model_info, resolved config and, last, the manifest that lists every output and its row count."""
     spec = artifact.spec
     counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
-              "images_failed": result.images_failed}
+              "images_failed": result.images_failed, "images_retryable": result.images_retryable}
     shard_seconds = {phase: sum(s["seconds"][phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
     model_info = {
         "model": spec.name, "precision": artifact.precision, "weights": artifact.weights,

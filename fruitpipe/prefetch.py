@@ -25,7 +25,8 @@ MAX_HUNG_READS = 8
 @dataclass
 class Loaded:
     """One image's load: its tensor (when preprocessed) and stored size and format, or the stage and reason it
-    failed (stage '' means it loaded)."""
+    failed (stage '' means it loaded). `retryable`: the failure says nothing about the image (it timed out), so
+    another attempt may load it."""
 
     tensor: np.ndarray | None = None
     width: int = 0
@@ -33,6 +34,7 @@ class Loaded:
     image_format: str = ""
     stage: str = ""
     reason: str = ""
+    retryable: bool = False
 
 
 @dataclass(eq=False)
@@ -121,7 +123,7 @@ def prefetched(records: list[dict], load: Callable[[Job], Loaded], threads: int,
                                          "reachable?")
                 start_thread()
                 action = "reading" if job.stage == "read" else "decoding"
-                loaded = Loaded(stage=job.stage, reason=f"timed out after {timeout_s:g} s {action}")
+                loaded = Loaded(stage=job.stage, reason=f"timed out after {timeout_s:g} s {action}", retryable=True)
             submit_next()
             yield job.record, loaded
     finally:

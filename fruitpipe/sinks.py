@@ -4,7 +4,7 @@ Layout of OUT:
     features/part-NNNNN.parquet   image_id, path, label, label_index, split, features (list<float32>[D])
     pca/part-NNNNN.parquet        image_id, path, label, label_index, split, pca (list<float32>[k])
     metadata/part-NNNNN.parquet   image_id, path, label, split, width, height, bytes, format, status
-    errors/part-NNNNN.parquet     image_id, path, label, stage, reason   (every shard writes one, even empty)
+    errors/part-NNNNN.parquet     image_id, path, label, stage, reason, retryable (every shard writes one)
     _shards/part-NNNNN.json       per-shard stats; its presence marks the shard done (resume)
     model/                        pca_model.npz + pca_model.json, feature_extractor.onnx
     model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json
@@ -68,6 +68,8 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("label", pa.string()),
     pa.field("stage", pa.string()),
     pa.field("reason", pa.string()),
+    # True when the failure says nothing about the image (a read that timed out): the next run retries it.
+    pa.field("retryable", pa.bool_()),
 ])
 STAGES = ("list", "read", "decode", "infer", "write")
 

@@ -5,6 +5,7 @@ one stops the run with one clear line, and the same command afterwards resumes a
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import struct
@@ -177,13 +178,14 @@ def store(demo_root):
             proxy.close()
 
 
-def _start_run(moto: MotoServer, proxy: FaultyProxy, output: str, cache_dir: str) -> subprocess.Popen[str]:
+def _start_run(moto: MotoServer, proxy: FaultyProxy, output: str, cache_dir: str,
+               *options: str) -> subprocess.Popen[str]:
     """`fruitpipe run` through the proxy, 9 shards of 8 images, with a 6 s storage retry budget so that a long
     outage ends the run within a minute (the default budget is 30 s per operation)."""
     env = s3_environment(moto, AWS_ENDPOINT_URL=proxy.url, FRUITPIPE_STORAGE_RETRY_S="6")
     return subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", f"s3://{BUCKET}/demo",
-                             f"s3://{BUCKET}/{output}", "--pca-k", "10", "--shard-size", "8", "--cache-dir", cache_dir],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"s3://{BUCKET}/{output}", "--pca-k", "10", "--shard-size", "8", "--cache-dir", cache_dir,
+                             *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_first_shard(client, process: subprocess.Popen[str], output: str, timeout_s: float = 300) -> None:
@@ -210,10 +212,10 @@ def _assert_complete_and_equal(client, output: str, finished_run) -> None:
 
 
 @contextlib.contextmanager
-def _run_past_first_shard(store, output: str, cache_dir: str) -> Iterator[subprocess.Popen[str]]:
+def _run_past_first_shard(store, output: str, cache_dir: str, *options: str) -> Iterator[subprocess.Popen[str]]:
     """A run through the proxy, once it has finished a shard; afterwards the proxy passes and the run is gone."""
     moto, client, proxy = store
-    process = _start_run(moto, proxy, output, cache_dir)
+    process = _start_run(moto, proxy, output, cache_dir, *options)
     try:
         _wait_for_first_shard(client, process, output)
         yield process
@@ -323,3 +325,40 @@ def test_short_outages_at_any_moment_never_hang_a_run(store, cache_dir, finished
         assert process.returncode == 0, f"attempt {attempt}: {stderr[-4000:]}"
         assert "images: 72 ok, 0 failed of 72 listed" in stdout
         _assert_complete_and_equal(client, output, finished_run)
+
+
+def test_a_stalled_store_times_reads_out_and_they_are_retried_not_failed(store, cache_dir, finished_run):
+    """moto frozen with SIGSTOP for 8 s mid-run, with a 3 s read timeout: the reads that time out are loaded again
+    once the store answers, and the run ends with every image (a timeout is not a verdict on the image)."""
+    moto, client, _ = store
+    with _run_past_first_shard(store, "runs/stall", cache_dir, "--read-timeout", "3") as process:
+        with moto.frozen():
+            time.sleep(8)
+        stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    assert "images: 72 ok, 0 failed of 72 listed" in stdout
+    _assert_complete_and_equal(client, "runs/stall", finished_run)
+
+
+def test_reads_still_stalled_after_every_attempt_are_reported_apart_and_the_next_run_retries_them(
+        store, cache_dir, finished_run):
+    """A stall longer than every attempt: the images are retryable error rows, not failed ones; the run says so and
+    exits 3; the same command afterwards retries exactly those shards and completes."""
+    moto, client, proxy = store
+    output = "runs/long-stall"
+    with _run_past_first_shard(store, output, cache_dir, "--read-timeout", "2") as process:
+        with moto.frozen():
+            time.sleep(25)
+        stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 3, stdout + stderr[-4000:]
+    assert re.search(r"images: \d+ ok, 0 failed, [1-9]\d* to retry of 72 listed", stdout), stdout
+    errors = read_parquet_dir(client, BUCKET, f"{output}/errors")
+    assert len(errors) and errors["retryable"].all() and errors["reason"].str.startswith("timed out").all()
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key=f"{output}/manifest.json")["Body"].read())
+    assert manifest["images_retryable"] == len(errors) and manifest["images_failed"] == 0
+
+    again = _start_run(moto, proxy, output, cache_dir)
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stderr[-4000:]
+    assert "images: 72 ok, 0 failed of 72 listed" in stdout
+    _assert_complete_and_equal(client, output, finished_run)

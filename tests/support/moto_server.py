@@ -13,7 +13,9 @@ tests apart with unique bucket and resource names.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -96,6 +99,16 @@ class MotoServer:
             self._process.wait()
         self._process = None
         self._log.close()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped with SIGSTOP for the block: connections are accepted by the kernel, never answered."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self._process.pid, signal.SIGCONT)
 
     def env(self, region: str = "eu-west-1", access_key: str = DUMMY_ACCESS_KEY,
             secret_key: str = DUMMY_SECRET_KEY) -> dict[str, str]:
