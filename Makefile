@@ -40,7 +40,7 @@ test-suite: $(STAMP) $(SPARK35_STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 test-spark35: $(SPARK35_STAMP) system-deps
-	$(SPARK35_VENV)/bin/python -m pytest -q -m '(spark or cluster) and not slow'
+	$(SPARK35_VENV)/bin/python -m pytest -q -m '(spark or cluster) and not slow and not emr_node'
 
 test-slow: $(STAMP) $(SPARK35_STAMP) system-deps
 	$(BIN)/python -m pytest -q -m slow
