@@ -67,9 +67,9 @@ def load_run(run_dir: str) -> RunResult:
     from fruitpipe import sinks
     from fruitpipe.errors import FruitpipeError
     from fruitpipe.pipeline import RunResult
-    from fruitpipe.storage import locate
+    from fruitpipe.run_folder import require_finished
 
-    out = locate(run_dir)
+    out = require_finished(run_dir)
     try:
         manifest = sinks.read_json(out, sinks.MANIFEST)
         info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")

@@ -28,6 +28,7 @@ from fruitpipe.models.artifact import ARTIFACT_JSON, ModelArtifact, build_artifa
 from fruitpipe.models.specs import get_spec
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
 from fruitpipe.progress import ExtractionProgress
+from fruitpipe.run_folder import RunFolder, check_not_held, refuse_nested, require_finished
 from fruitpipe.storage import (Location, exists, list_names, locate, read_bytes, remove_tree, unavailable_reported,
                                write_bytes)
 
@@ -62,7 +63,7 @@ class RunResult:
         return self.images_listed / total if total > 0 else 0.0
 
     def _table(self, directory: str) -> pa.Table:
-        return sinks.read_dataset(locate(self.output), directory)
+        return sinks.read_dataset(require_finished(self.output), directory)
 
     def features(self) -> pd.DataFrame:
         """Features as pandas: key columns and a `features` column of float32 arrays."""
@@ -85,20 +86,25 @@ class RunResult:
 def run(config: RunConfig) -> RunResult:
     """Run the whole pipeline for `config` and return what it produced."""
     config.validate()
+    refuse_nested(config.source, config.output)
     started = time.perf_counter()
     artifact, onnx = load_artifact(config.model_file) if config.model_file else _export_for_run(config)
     config = _decided_by(artifact, config)
-    return _execute(config, artifact, onnx, None, started, {"model_export": time.perf_counter() - started})
+    with RunFolder(config.output) as folder:
+        return _execute(config, artifact, onnx, None, started, {"model_export": time.perf_counter() - started},
+                        folder)
 
 
 def transform(run_dir: str, config: RunConfig) -> RunResult:
     """Features + PCA for new images with a finished run's model and fitted PCA (no refit)."""
     started = time.perf_counter()
+    refuse_nested(config.source, config.output)
     artifact, onnx = stored_artifact(run_dir)
     pca_model = load_pca_model(run_dir)
     config = dataclasses.replace(config, model=artifact.name, precision=artifact.precision,
                                  image_size=artifact.input_size).validate()
-    return _execute(config, artifact, onnx, pca_model, started, {"model_export": 0.0})
+    with RunFolder(config.output) as folder:
+        return _execute(config, artifact, onnx, pca_model, started, {"model_export": 0.0}, folder)
 
 
 def _export_for_run(config: RunConfig) -> tuple[ModelArtifact, bytes]:
@@ -131,7 +137,7 @@ def _decided_by(artifact: ModelArtifact, config: RunConfig) -> RunConfig:
 
 def stored_artifact(run_dir: str) -> tuple[ModelArtifact, bytes]:
     """The model artifact a finished run computed its features with, read from its folder (no torch, no export)."""
-    out = locate(run_dir)
+    out = require_finished(run_dir)
     try:
         info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
         if exists(out, out.join(sinks.MODEL, ARTIFACT_JSON)):
@@ -146,7 +152,7 @@ def stored_artifact(run_dir: str) -> tuple[ModelArtifact, bytes]:
 
 
 def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca: PcaModel | None, started: float,
-             seconds: dict[str, float]) -> RunResult:
+             seconds: dict[str, float], folder: RunFolder) -> RunResult:
     out = locate(config.output)
     phase = time.perf_counter()
     listing = list_split(config.source, config.split)
@@ -171,7 +177,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                                   threads=config.threads_per_task, read_timeout_s=config.read_timeout_s)
     with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
         spark_master = spark.sparkContext.master
-        _claim_output(out, config, fingerprint, planned)
+        _claim_output(out, config, fingerprint, planned, folder)
         write_artifact(out.uri(out.join(sinks.MODEL)), artifact, onnx)
         _write_listing_errors(out, unlisted)
         done = completed_shards(out, shards)
@@ -214,7 +220,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
                        spark_master=spark_master, hidden_files_skipped=listing.hidden_files, **counts)
-    _write_documents(out, config, artifact, model, result, stats, fingerprint)
+    _write_documents(out, config, artifact, model, result, stats, fingerprint, folder)
     return result
 
 
@@ -259,9 +265,10 @@ def _check_output(out: Location, config: RunConfig, fingerprint: str, planned: d
     if sinks.RUN_MARKER not in names:
         raise FruitpipeError(f"output {config.output} already holds files that are not a fruitpipe run; "
                              "choose an empty or new folder")
+    marker = sinks.read_json(out, sinks.RUN_MARKER)
+    check_not_held(marker, config.output)
     if config.overwrite:
         return
-    marker = sinks.read_json(out, sinks.RUN_MARKER)
     if marker.get("fingerprint") != fingerprint:
         raise FruitpipeError(f"output {config.output} holds a run with another configuration "
                              f"(model {marker.get('model')}, source {marker.get('source')}); "
@@ -272,18 +279,22 @@ def _check_output(out: Location, config: RunConfig, fingerprint: str, planned: d
                              "or choose another output")
 
 
-def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: dict) -> None:
-    """Mark OUT as this run's folder. Overwrite clears it, the marker last, so a clear cut short can be redone;
-    a resume first deletes the temp files of writers killed mid-write."""
+def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: dict, folder: RunFolder) -> None:
+    """Claim OUT for this run (lease, in progress, manifest withdrawn) after checking it again: another run may have
+    written it while Spark started. Overwrite then clears it, recording the new run last, so a clear cut short can be
+    redone; a resume first deletes the temp files of writers killed mid-write."""
+    _check_output(out, config, fingerprint, planned)
+    identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
+                **planned}
     try:
+        folder.claim(identity, replacing=config.overwrite)
         if config.overwrite:
             for name in list_names(out, out.path):
                 if name != sinks.RUN_MARKER:
                     remove_tree(out, out.join(name))
+            folder.record(identity)
         else:
             remove_partial_writes(out)
-        sinks.write_json(out, sinks.RUN_MARKER, {"fingerprint": fingerprint, "model": config.model,
-                                                 "source": config.source, "fruitpipe": __version__, **planned})
     except OSError as exc:
         raise FruitpipeError(f"cannot write to output {config.output}: {exc.strerror or exc}") from None
 
@@ -333,8 +344,9 @@ def versions() -> dict[str, str]:
 
 
 def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, model: PcaModel,
-                     result: RunResult, stats: list[dict], fingerprint: str) -> None:
-    """model_info, resolved config and, last, the manifest that lists every output and its row count."""
+                     result: RunResult, stats: list[dict], fingerprint: str, folder: RunFolder) -> None:
+    """model_info, resolved config and, last, the manifest that lists every output and its row count (committed
+    through `folder`, which checks that this run still holds OUT)."""
     spec = artifact.spec
     counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
               "images_failed": result.images_failed, "images_retryable": result.images_retryable}
@@ -365,10 +377,14 @@ def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, 
                       f"{sinks.CSV}/errors.csv"] + ([f"{sinks.CSV}/features.csv"] if config.features_csv else []),
         "python": sys.version.split()[0],
     }
-    sinks.write_json(out, sinks.MANIFEST, manifest)
+    folder.commit(manifest)
 
 
 def load_pca_model(run_dir: str) -> PcaModel:
-    """The PCA a run fitted, to project new features without refitting."""
-    out = locate(run_dir)
-    return PcaModel.from_npz_bytes(read_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ)))
+    """The PCA a finished run fitted, to project new features without refitting."""
+    out = require_finished(run_dir)
+    try:
+        return PcaModel.from_npz_bytes(read_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ)))
+    except FileNotFoundError:
+        raise FruitpipeError(f"{run_dir} has no fitted PCA ({sinks.MODEL}/{sinks.PCA_MODEL_NPZ} is missing); "
+                             "run the same command again to rewrite it") from None
