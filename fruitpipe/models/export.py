@@ -15,6 +15,9 @@ from fruitpipe.models.weights import resolve_weights, sha256_file
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("features", "logits")
 OPSET = 17
+# Part of the cached file's name: bump it when the exported graph changes, so no cache serves an older graph.
+# 2: explicit zero fill in TF padding (ONNX Runtime folds the Pads into the convolutions).
+GRAPH_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ def export_onnx(spec: ModelSpec, weights: str | None, cache_dir: str, input_size
     """
     size = spec.preprocessing(input_size).size
     weights_path, weights_sha256 = resolve_weights(spec, weights, cache_dir)
-    target = Path(cache_dir) / "onnx" / f"{spec.name}-{weights_sha256[:12]}-{size}.onnx"
+    target = Path(cache_dir) / "onnx" / f"{spec.name}-{weights_sha256[:12]}-{size}-g{GRAPH_VERSION}.onnx"
     if not target.is_file():
         _export(spec, weights_path, size, target)
     return ExportedModel(str(target), spec.name, weights_sha256, size, sha256_file(target))
@@ -53,7 +56,7 @@ def _export(spec: ModelSpec, weights_path: str, size: int, target: Path) -> None
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
-            # TF padding's constant Pad amounts are left for ONNX Runtime to fold when it loads the model.
+            # TF padding's Pad amounts (a Slice with steps=-1) are left for the runtime to fold when it loads.
             warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
             torch.onnx.export(
                 model,

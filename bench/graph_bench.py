@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Why one ONNX graph of EfficientNet-Lite0 runs slower than another on ONNX Runtime: each candidate cause alone.
+
+Variants of the same network with the same weights, exported side by side into a temporary folder:
+  plain             a plain torch.onnx export of efficientnet_lite_pytorch (pip package of the same name) with the
+                    bundled weights, `extract_features(x).mean((2, 3))`: the reference of issue 10
+  before            fruitpipe's graph before issue 10: its asymmetric Pads carry no constant_value input
+  fruitpipe         fruitpipe's export as it is now (models/export.py)
+  features-only     fruitpipe's network without the logits branch
+  opset-20          fruitpipe's network exported at opset 20 (the plain export's default)
+
+Each variant's ONNX Runtime session (the pipeline's options, inference.py) runs the same random batch; all
+variants run in every round, in turn (starting one further each round), in `--processes` processes at once (2 x 1 thread is the pipeline's
+layout), so a busy shared machine slows them alike: compare the ratios, not the absolute figures. Also
+printed: the Pad nodes left after ONNX Runtime's graph optimisation and the largest feature difference to
+the plain export.
+
+    python bench/graph_bench.py                       # 2 processes x 1 thread, batch 2, 5 rounds x 2 s
+    python bench/graph_bench.py --processes 1 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fruitpipe.config import DEFAULT_CACHE_DIR  # noqa: E402
+from fruitpipe.inference import FEATURES_OUTPUT, INPUT_NAME, create_session  # noqa: E402
+
+MODEL = "efficientnet_lite0"
+SIZE = 224
+
+
+def _export(module, path: Path, outputs: list[str], opset: int) -> None:
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, 3, SIZE, SIZE),), path, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *outputs)},
+                          opset_version=opset)
+
+
+def export_variants(folder: Path) -> dict[str, Path]:
+    """Every variant's ONNX file in `folder`; `plain` only where efficientnet_lite_pytorch is installed."""
+    import torch
+    import torch.nn.functional as F
+
+    from fruitpipe.models import build_model, export_onnx, get_spec, resolve_weights
+    from fruitpipe.models.efficientnet_lite import SameConv2d
+    from fruitpipe.models.export import OPSET, OUTPUT_NAMES
+
+    spec = get_spec(MODEL)
+    weights = resolve_weights(spec, None, DEFAULT_CACHE_DIR)[0]
+    network = build_model(spec, weights, SIZE)
+    paths = {"fruitpipe": Path(export_onnx(spec, None, DEFAULT_CACHE_DIR, SIZE).path)}
+
+    class FeaturesOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.network(x)[0]
+
+    paths["features-only"] = folder / "features-only.onnx"
+    _export(FeaturesOnly(), paths["features-only"], [FEATURES_OUTPUT], OPSET)
+    paths["opset-20"] = folder / "opset-20.onnx"
+    _export(network, paths["opset-20"], list(OUTPUT_NAMES), 20)
+
+    fixed_forward = SameConv2d.forward
+
+    def forward_before(self: SameConv2d, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad is not None:
+            x = F.pad(x, self.asymmetric_pad)
+        return torch.nn.Conv2d.forward(self, x)
+
+    SameConv2d.forward = forward_before
+    try:
+        paths["before"] = folder / "before.onnx"
+        _export(network, paths["before"], list(OUTPUT_NAMES), OPSET)
+    finally:
+        SameConv2d.forward = fixed_forward
+
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ModuleNotFoundError:
+        print("plain: skipped (pip install efficientnet_lite_pytorch to compare with the plain export)")
+    else:
+        reference = EfficientNet.from_pretrained(MODEL.replace("_", "-"), weights_path=weights).eval()
+
+        class Plain(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.reference = reference
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.reference.extract_features(x).mean((2, 3))
+
+        paths["plain"] = folder / "plain.onnx"
+        _export(Plain(), paths["plain"], [FEATURES_OUTPUT], 20)
+    return paths
+
+
+def optimised_pads(path: Path, folder: Path) -> int:
+    """Pad nodes left in the graph ONNX Runtime runs (after its optimisations, e.g. Pad+Conv fusion)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(folder / f"{path.stem}.optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sum(node.op_type == "Pad" for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def _worker(paths: dict[str, str], threads: int, batch: np.ndarray, rounds: int, seconds: float, barrier,
+            results) -> None:
+    sessions = {name: create_session(Path(path).read_bytes(), threads) for name, path in paths.items()}
+    for session in sessions.values():
+        session.run([FEATURES_OUTPUT], {INPUT_NAME: batch})
+    rates: dict[str, list[float]] = {name: [] for name in sessions}
+    names = list(sessions)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            session = sessions[name]
+            barrier.wait()
+            started, done = time.perf_counter(), 0
+            while time.perf_counter() - started < seconds:
+                session.run([FEATURES_OUTPUT], {INPUT_NAME: batch})
+                done += len(batch)
+            rates[name].append(done / (time.perf_counter() - started))
+    results.put(rates)
+
+
+def measure(paths: dict[str, Path], processes: int, threads: int, batch: np.ndarray, rounds: int,
+            seconds: float) -> dict[str, list[float]]:
+    """Images/s per variant and round, summed over the processes (which run the same variant at once)."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    as_text = {name: str(path) for name, path in paths.items()}
+    workers = [context.Process(target=_worker, args=(as_text, threads, batch, rounds, seconds, barrier, results))
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    per_process = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return {name: [sum(rates[name][i] for rates in per_process) for i in range(rounds)] for name in paths}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    batch = np.random.default_rng(0).standard_normal((args.batch, 3, SIZE, SIZE)).astype(np.float32)
+    print(f"cpu: {_cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+          f"{args.processes} processes x {args.threads} threads, batch {args.batch}, "
+          f"{args.rounds} rounds x {args.seconds:g} s per variant")
+    with tempfile.TemporaryDirectory(prefix="fruitpipe-graphs-") as work:
+        folder = Path(work)
+        paths = export_variants(folder)
+        features = {name: create_session(path.read_bytes(), 1).run([FEATURES_OUTPUT], {INPUT_NAME: batch})[0]
+                    for name, path in paths.items()}
+        pads = {name: optimised_pads(path, folder) for name, path in paths.items()}
+        rates = measure(paths, args.processes, args.threads, batch, args.rounds, args.seconds)
+    reference = "plain" if "plain" in paths else "before"
+    base = float(np.median(rates[reference]))
+    print(f"{'variant':<15} {'img/s':>7} {'vs ' + reference:>9} {'Pads left':>9} {'max |diff|':>10}  rounds")
+    for name in paths:
+        median = float(np.median(rates[name]))
+        diff = float(np.abs(features[name] - features[reference]).max())
+        print(f"{name:<15} {median:7.1f} {median / base:8.2f}x {pads[name]:9d} {diff:10.1e}  "
+              + " ".join(f"{rate:.0f}" for rate in rates[name]))
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "?")
+
+
+if __name__ == "__main__":
+    main()
