@@ -9,11 +9,11 @@ Variants of the same network with the same weights, exported side by side into a
   features-only     fruitpipe's network without the logits branch
   opset-20          fruitpipe's network exported at opset 20 (the plain export's default)
 
-Each variant's ONNX Runtime session (the pipeline's options, inference.py) runs the same random batch; all
-variants run in every round, in turn (starting one further each round), in `--processes` processes at once (2 x 1 thread is the pipeline's
-layout), so a busy shared machine slows them alike: compare the ratios, not the absolute figures. Also
-printed: the Pad nodes left after ONNX Runtime's graph optimisation and the largest feature difference to
-the plain export.
+Each variant's ONNX Runtime session (the pipeline's options, runtimes.py) runs the same random batch; all
+variants run in every round, in turn (starting one further each round), in `--processes` processes at once
+(2 x 1 thread is the pipeline's layout), so a busy shared machine slows them alike: compare the ratios, not
+the absolute figures. Also printed: the Pad nodes left after ONNX Runtime's graph optimisation and the largest
+feature difference to the plain export.
 
     python bench/graph_bench.py                       # 2 processes x 1 thread, batch 2, 5 rounds x 2 s
     python bench/graph_bench.py --processes 1 --threads 2
@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fruitpipe.config import DEFAULT_CACHE_DIR  # noqa: E402
-from fruitpipe.inference import FEATURES_OUTPUT, INPUT_NAME, create_session  # noqa: E402
+from fruitpipe.inference import create_session  # noqa: E402
+from fruitpipe.runtimes import FEATURES_OUTPUT, INPUT_NAME  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 SIZE = 224
@@ -130,7 +131,7 @@ def _worker(paths: dict[str, str], threads: int, batch: np.ndarray, rounds: int,
             results) -> None:
     sessions = {name: create_session(Path(path).read_bytes(), threads) for name, path in paths.items()}
     for session in sessions.values():
-        session.run([FEATURES_OUTPUT], {INPUT_NAME: batch})
+        session.run(batch)
     rates: dict[str, list[float]] = {name: [] for name in sessions}
     names = list(sessions)
     for round_ in range(rounds):
@@ -139,7 +140,7 @@ def _worker(paths: dict[str, str], threads: int, batch: np.ndarray, rounds: int,
             barrier.wait()
             started, done = time.perf_counter(), 0
             while time.perf_counter() - started < seconds:
-                session.run([FEATURES_OUTPUT], {INPUT_NAME: batch})
+                session.run(batch)
                 done += len(batch)
             rates[name].append(done / (time.perf_counter() - started))
     results.put(rates)
@@ -176,7 +177,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fruitpipe-graphs-") as work:
         folder = Path(work)
         paths = export_variants(folder)
-        features = {name: create_session(path.read_bytes(), 1).run([FEATURES_OUTPUT], {INPUT_NAME: batch})[0]
+        features = {name: create_session(path.read_bytes(), 1).run(batch)
                     for name, path in paths.items()}
         pads = {name: optimised_pads(path, folder) for name, path in paths.items()}
         rates = measure(paths, args.processes, args.threads, batch, args.rounds, args.seconds)

@@ -1,7 +1,8 @@
-"""ONNX Runtime feature extraction: one session per worker process, built there from the model's bytes.
+"""Feature extraction inside a worker process: one loaded runtime per model and setting, built there from the
+model's bytes and reused by every shard task the process runs.
 
-Sessions are cached by the model's sha256 and never pickled; Spark ships only the ONNX bytes (a broadcast).
-The same options serve fp32 and int8 (QDQ) models: ONNX Runtime fuses QDQ pairs into int8 kernels on load.
+Runtimes are cached by the model's key (its sha256) and never pickled; Spark ships only the ONNX bytes (a
+broadcast). What a runtime is and how auto chooses one lives in fruitpipe.runtimes.
 """
 
 from __future__ import annotations
@@ -9,48 +10,38 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import onnxruntime as ort
 
-INPUT_NAME = "images"
-FEATURES_OUTPUT = "features"
-LOGITS_OUTPUT = "logits"
+from fruitpipe import runtimes
+from fruitpipe.runtimes import ALLOW_SPINNING, FEATURES_OUTPUT, INPUT_NAME, OnnxRuntimeCPU, Runtime
 
-# Idle intra-op threads busy-wait by default; inside a Spark task they would take CPU from the decode threads
-# of the same shard and from the other tasks (measured in BENCHMARKS.md), so they sleep instead.
-ALLOW_SPINNING = False
+__all__ = ["FEATURES_OUTPUT", "INPUT_NAME", "create_session", "extract_features", "runtime_for", "session_for"]
 
-_SESSIONS: dict[tuple[str, int], ort.InferenceSession] = {}
+_RUNTIMES: dict[tuple, Runtime] = {}
 
 
-def session_options(threads: int, allow_spinning: bool = ALLOW_SPINNING) -> ort.SessionOptions:
-    """Options for one task's session: `threads` intra-op threads, sequential, fully optimised graph."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    return options
+def runtime_for(model_key: str, load_model_bytes: Callable[[], bytes], threads: int, precision: str = "fp32",
+                runtime: str = runtimes.ONNXRUNTIME, tasks_per_node: int | None = None,
+                cache_dir: str | None = None, batch_size: int = runtimes.PROBE_BATCH) -> Runtime:
+    """The process's runtime for this model and setting, loaded on first use (see runtimes.load)."""
+    key = (model_key, threads, precision, runtime, tasks_per_node, batch_size)
+    loaded = _RUNTIMES.get(key)
+    if loaded is None:
+        loaded = runtimes.load(load_model_bytes(), threads, precision, runtime, tasks_per_node=tasks_per_node,
+                               cache_dir=cache_dir, batch_size=batch_size)
+        _RUNTIMES[key] = loaded
+    return loaded
 
 
-def create_session(model_bytes: bytes, threads: int, allow_spinning: bool = ALLOW_SPINNING) -> ort.InferenceSession:
-    """A CPU session for an ONNX model (fp32 or int8) with the pipeline's options."""
-    return ort.InferenceSession(model_bytes, sess_options=session_options(threads, allow_spinning),
-                                providers=["CPUExecutionProvider"])
+def session_for(model_key: str, load_model_bytes: Callable[[], bytes], threads: int) -> Runtime:
+    """The process's ONNX Runtime fp32/int8 runtime for this model (the pipeline's setting before --runtime)."""
+    return runtime_for(model_key, load_model_bytes, threads)
 
 
-def session_for(model_key: str, load_model_bytes: Callable[[], bytes], threads: int) -> ort.InferenceSession:
-    """The process's session for this model, created on first use with `threads` intra-op threads."""
-    key = (model_key, threads)
-    session = _SESSIONS.get(key)
-    if session is None:
-        session = create_session(load_model_bytes(), threads)
-        _SESSIONS[key] = session
-    return session
+def create_session(model_bytes: bytes, threads: int, allow_spinning: bool = ALLOW_SPINNING) -> Runtime:
+    """An uncached ONNX Runtime runtime with the pipeline's options (benchmarks vary allow_spinning)."""
+    return OnnxRuntimeCPU(model_bytes, threads, allow_spinning=allow_spinning)
 
 
-def extract_features(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+def extract_features(runtime: Runtime, batch: np.ndarray) -> np.ndarray:
     """[N, 3, S, S] float32 -> [N, D] float32 pooled features."""
-    (features,) = session.run([FEATURES_OUTPUT], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-    return np.asarray(features, dtype=np.float32)
+    return runtime.run(batch)
