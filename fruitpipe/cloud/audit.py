@@ -13,9 +13,10 @@ from typing import Any
 
 from fruitpipe.errors import FruitpipeError
 
-from . import cost, specs
+from . import cost, queries
 from .client import Aws, AwsError
-from .commands import bucket_region, duration
+from .commands import duration
+from .config import EmrConfig
 
 # Error codes meaning "these credentials may not do this" across the services audited.
 _DENIED = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError",
@@ -34,24 +35,20 @@ class Section:
     read: Callable[[Aws, str], list[str]]
 
 
-def _items(aws: Aws, service: str, operation: str, key: str, **params: Any) -> list[dict[str, Any]]:
-    return [item for page in aws.pages(service, operation, **params) for item in page.get(key, [])]
-
-
 def _since(start: datetime | None) -> str:
     return duration((datetime.now(timezone.utc) - start).total_seconds()) if start else "-"
 
 
 def _emr_clusters(aws: Aws, _account: str) -> list[str]:
-    clusters = _items(aws, "emr", "list_clusters", "Clusters", ClusterStates=list(specs.ACTIVE_CLUSTER_STATES))
     return [f"{c['Id']} {c['Name']}: {c['Status']['State']} for "
-            f"{_since(c['Status']['Timeline'].get('CreationDateTime'))}" for c in clusters]
+            f"{_since(c['Status']['Timeline'].get('CreationDateTime'))}"
+            for c in queries.clusters(aws, active_only=True)]
 
 
 def _instances(aws: Aws, _account: str) -> list[str]:
     live = {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}
     lines = []
-    for reservation in _items(aws, "ec2", "describe_instances", "Reservations", Filters=[live]):
+    for reservation in queries.items(aws, "ec2", "describe_instances", "Reservations", Filters=[live]):
         for i in reservation["Instances"]:
             tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
             note = " (stopped: its volumes still bill)" if i["State"]["Name"] == "stopped" else ""
@@ -63,14 +60,14 @@ def _instances(aws: Aws, _account: str) -> list[str]:
 def _volumes(aws: Aws, _account: str) -> list[str]:
     return [f"{v['VolumeId']} {v['Size']} GiB {v['VolumeType']} {v['State']}"
             + (" (not attached)" if v["State"] == "available" else "")
-            for v in _items(aws, "ec2", "describe_volumes", "Volumes")]
+            for v in queries.items(aws, "ec2", "describe_volumes", "Volumes")]
 
 
 def _snapshots(aws: Aws, account: str) -> list[str]:
     # The owner-id filter selects what OwnerIds=self does on AWS; moto honours only the filter.
     mine = {"Name": "owner-id", "Values": [account]}
     return [f"{s['SnapshotId']} of {s.get('VolumeSize', '?')} GiB, {s['State']}, taken {s['StartTime']:%Y-%m-%d}"
-            for s in _items(aws, "ec2", "describe_snapshots", "Snapshots", OwnerIds=["self"], Filters=[mine])]
+            for s in queries.items(aws, "ec2", "describe_snapshots", "Snapshots", OwnerIds=["self"], Filters=[mine])]
 
 
 def _images(aws: Aws, _account: str) -> list[str]:
@@ -86,31 +83,31 @@ def _addresses(aws: Aws, _account: str) -> list[str]:
 def _nat_gateways(aws: Aws, _account: str) -> list[str]:
     live = {"Name": "state", "Values": ["pending", "available"]}
     return [f"{n['NatGatewayId']} {n['State']} in {n.get('VpcId', '?')}, since {n['CreateTime']:%Y-%m-%d}"
-            for n in _items(aws, "ec2", "describe_nat_gateways", "NatGateways", Filter=[live])]
+            for n in queries.items(aws, "ec2", "describe_nat_gateways", "NatGateways", Filter=[live])]
 
 
 def _load_balancers(aws: Aws, _account: str) -> list[str]:
     current = [f"{lb['LoadBalancerName']} ({lb['Type']}) {lb['State']['Code']}"
-               for lb in _items(aws, "elbv2", "describe_load_balancers", "LoadBalancers")]
+               for lb in queries.items(aws, "elbv2", "describe_load_balancers", "LoadBalancers")]
     classic = [f"{lb['LoadBalancerName']} (classic)"
-               for lb in _items(aws, "elb", "describe_load_balancers", "LoadBalancerDescriptions")]
+               for lb in queries.items(aws, "elb", "describe_load_balancers", "LoadBalancerDescriptions")]
     return current + classic
 
 
 def _rds(aws: Aws, _account: str) -> list[str]:
     return [f"{d['DBInstanceIdentifier']} {d['DBInstanceClass']} {d['Engine']} {d['DBInstanceStatus']}, "
             f"{d.get('AllocatedStorage', '?')} GiB"
-            for d in _items(aws, "rds", "describe_db_instances", "DBInstances")]
+            for d in queries.items(aws, "rds", "describe_db_instances", "DBInstances")]
 
 
 def _eks(aws: Aws, _account: str) -> list[str]:
-    return _items(aws, "eks", "list_clusters", "clusters")
+    return queries.items(aws, "eks", "list_clusters", "clusters")
 
 
 def _efs(aws: Aws, _account: str) -> list[str]:
     return [_words(f["FileSystemId"], f.get("Name"), f"{f['LifeCycleState']},",
                    f"{f['SizeInBytes']['Value'] / 2**30:.3f} GiB")
-            for f in _items(aws, "efs", "describe_file_systems", "FileSystems")]
+            for f in queries.items(aws, "efs", "describe_file_systems", "FileSystems")]
 
 
 def _words(*words: str | None) -> str:
@@ -133,11 +130,11 @@ SECTIONS = (
 )
 
 
-def audit(aws: Aws, *, all_regions: bool, costs: bool, max_objects: int) -> int:
-    """Prints the billable resources of ``aws.region`` (or every region), the buckets, and with ``costs`` the bill
-    of the last 30 days per service."""
-    account = aws.read("sts", "get_caller_identity")["Account"]
-    regions = _regions(aws) if all_regions else [aws.region]
+def audit(config: EmrConfig, aws: Aws, *, all_regions: bool, costs: bool, max_objects: int) -> int:
+    """Prints the billable resources of the configured region (or every region), the buckets, and with ``costs``
+    the bill of the last 30 days per service."""
+    account = queries.caller_identity(aws)["Account"]
+    regions = _regions(aws) if all_regions else [config.region]
     print(f"billable resources of account {account} in {', '.join(regions)} (read only; nothing is changed):")
     found = 0
     for name in regions:
@@ -199,7 +196,7 @@ def _audit_buckets(aws: Aws, max_objects: int) -> int:
 
 def _bucket_summary(aws: Aws, bucket: str, max_objects: int) -> str:
     try:
-        region = bucket_region(aws, bucket)
+        region = queries.bucket_region(aws, bucket)
         count = size = 0
         capped = False
         for page in aws.pages("s3", "list_objects_v2", Bucket=bucket):

@@ -1,4 +1,5 @@
-"""What each `fruitpipe emr` subcommand does, given a validated config and an :class:`Aws`.
+"""What each `fruitpipe emr` subcommand does, given a validated config and an :class:`Aws`: the decisions,
+the changes, what is printed and the exit status. The look-ups they rest on are in :mod:`.queries`.
 
 Results (ids, URIs, JSON, reports) go to stdout so they can be captured; progress goes to stderr.
 Nothing here prints credentials: identities are shown by account and ARN only.
@@ -12,7 +13,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,7 +25,7 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra
 from fruitpipe.models.artifact import ARTIFACT_JSON, ARTIFACT_ONNX, export_artifact, load_artifact
 
-from . import cost, specs
+from . import cost, queries, specs
 from .bootstrap import (NODE_PLATFORMS, NODE_PYTHON_VERSION, build_wheel, executor_pins, pack_wheelhouse,
                         project_root, render_bootstrap)
 from .client import Aws, AwsError
@@ -37,7 +38,6 @@ FAILED_STEP_STATES = ("FAILED", "CANCELLED", "INTERRUPTED")
 # Service Quotas codes: running on-demand / requested spot vCPUs of the standard families (m, c, r, ...).
 ON_DEMAND_QUOTA = "L-1216C47A"
 SPOT_QUOTA = "L-34B43A08"
-_CLUSTER_ID = re.compile(r"^j-[0-9A-Z]{8,20}$")
 _STEP_ID = re.compile(r"^s-[0-9A-Z]{8,20}$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -59,7 +59,7 @@ def check(config: EmrConfig, aws: Aws) -> int:
             missing.append(what)
 
     try:
-        identity = aws.read("sts", "get_caller_identity")
+        identity = queries.caller_identity(aws)
     except FruitpipeError as exc:
         report("MISSING", "credentials", str(exc))
         print("nothing else can be checked without working credentials")
@@ -85,82 +85,41 @@ def _check_bucket(config: EmrConfig, aws: Aws, report: Callable[[str, str, str],
         report("MISSING", "bucket", "not configured: set emr.bucket in the config file or pass --bucket")
         return
     bucket = config.bucket
-    if not bucket_exists(aws, bucket):
+    if not queries.bucket_exists(aws, bucket):
         report("MISSING", "bucket", f"s3://{bucket} does not exist: `fruitpipe emr bucket create` makes it "
                                     "private and encrypted")
         return
-    region = bucket_region(aws, bucket)
+    region = queries.bucket_region(aws, bucket)
     if region != config.region and not config.allow_other_region:
         report("MISSING", "bucket", f"s3://{bucket} is in {region}, not {config.region}")
     else:
         report("ok", "bucket", f"s3://{bucket} in {region}")
-    blocked = _public_access_blocked(aws, bucket)
+    blocked = queries.public_access_blocked(aws, bucket)
     report("ok" if blocked else "warn", "public access",
            "blocked (all four settings)" if blocked else f"s3://{bucket} does not block all public access")
-    algorithm = _default_encryption(aws, bucket)
+    algorithm = queries.default_encryption(aws, bucket)
     report("ok" if algorithm else "warn", "encryption",
            f"default {algorithm}" if algorithm else f"s3://{bucket} has no default encryption")
     script = config.uri(config.code_prefix, specs.BOOTSTRAP_NAME)
-    if object_exists(aws, script):
+    if queries.object_exists(aws, script):
         report("ok", "code", f"{script} uploaded")
     else:
         report("warn", "code", "not uploaded yet: run `fruitpipe emr upload`")
 
 
-def _public_access_blocked(aws: Aws, bucket: str) -> bool:
-    try:
-        block = aws.read("s3", "get_public_access_block", Bucket=bucket)["PublicAccessBlockConfiguration"]
-    except AwsError as exc:
-        if exc.code == "NoSuchPublicAccessBlockConfiguration":
-            return False
-        raise
-    return all(block.get(k) for k in ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
-                                      "RestrictPublicBuckets"))
-
-
-def _default_encryption(aws: Aws, bucket: str) -> str | None:
-    try:
-        rules = aws.read("s3", "get_bucket_encryption", Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
-    except AwsError as exc:
-        if exc.code == "ServerSideEncryptionConfigurationNotFoundError":
-            return None
-        raise
-    return rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] if rules else None
-
-
 def _check_roles(config: EmrConfig, aws: Aws, report: Callable[[str, str, str], None]) -> None:
     for role in specs.default_roles(config):
-        if not _role_exists(aws, role.name):
+        if not queries.role_exists(aws, role.name):
             report("MISSING", "iam role", f"{role.name} does not exist: `fruitpipe emr roles create` makes it")
             continue
         report("ok", "iam role", role.name)
         if role.instance_profile:
-            roles_in_profile = _instance_profile_roles(aws, role.name)
+            roles_in_profile = queries.instance_profile_roles(aws, role.name)
             if roles_in_profile is None or role.name not in roles_in_profile:
                 report("MISSING", "profile", f"instance profile {role.name} with role {role.name}: "
                                              "`fruitpipe emr roles create` makes it")
             else:
                 report("ok", "profile", f"instance profile {role.name}")
-
-
-def _role_exists(aws: Aws, name: str) -> bool:
-    try:
-        aws.read("iam", "get_role", RoleName=name)
-    except AwsError as exc:
-        if exc.code == "NoSuchEntity":
-            return False
-        raise
-    return True
-
-
-def _instance_profile_roles(aws: Aws, name: str) -> list[str] | None:
-    try:
-        profile = aws.read("iam", "get_instance_profile", InstanceProfileName=name)["InstanceProfile"]
-    except AwsError as exc:
-        if exc.code == "NoSuchEntity":
-            return None
-        raise
-    return [r["RoleName"] for r in profile.get("Roles", [])]
 
 
 def _check_quotas(config: EmrConfig, aws: Aws, report: Callable[[str, str, str], None]) -> None:
@@ -171,11 +130,10 @@ def _check_quotas(config: EmrConfig, aws: Aws, report: Callable[[str, str, str],
         needs.append((SPOT_QUOTA, "spot vCPUs", core))
     for code, label, needed in needs:
         try:
-            quota = aws.read("service-quotas", "get_service_quota", ServiceCode="ec2", QuotaCode=code)["Quota"]
+            limit = queries.ec2_quota(aws, code)
         except AwsError as exc:
             report("warn", "quota", f"{label}: not readable ({exc.code}); the cluster needs {needed}")
             continue
-        limit = quota.get("Value", 0)
         status = "ok" if limit >= needed else "MISSING"
         report(status, "quota", f"{label}: {needed} needed, {limit:g} allowed in {config.region}")
 
@@ -184,7 +142,7 @@ def create_roles(config: EmrConfig, aws: Aws) -> int:
     """Creates the configured EMR service role and instance profile, as `aws emr create-default-roles` does."""
     tags = [{"Key": k, "Value": v} for k, v in config.all_tags().items()]
     for role in specs.default_roles(config):
-        if _role_exists(aws, role.name):
+        if queries.role_exists(aws, role.name):
             info(f"role {role.name} exists")
         else:
             aws.change("iam", "create_role", RoleName=role.name,
@@ -194,7 +152,7 @@ def create_roles(config: EmrConfig, aws: Aws) -> int:
             info(f"created role {role.name} with {role.managed_policy_arn}")
         if not role.instance_profile:
             continue
-        roles_in_profile = _instance_profile_roles(aws, role.name)
+        roles_in_profile = queries.instance_profile_roles(aws, role.name)
         if roles_in_profile is None:
             aws.change("iam", "create_instance_profile", InstanceProfileName=role.name, Tags=tags)
             roles_in_profile = []
@@ -212,7 +170,7 @@ def create_bucket(config: EmrConfig, aws: Aws) -> int:
 
 def ensure_bucket(config: EmrConfig, aws: Aws) -> None:
     bucket = config.require_bucket()
-    if bucket_exists(aws, bucket):
+    if queries.bucket_exists(aws, bucket):
         require_region(config, aws, bucket, "the configured")
         info(f"s3://{bucket} exists; its settings are left as they are (see `fruitpipe emr check`)")
         return
@@ -223,29 +181,10 @@ def ensure_bucket(config: EmrConfig, aws: Aws) -> None:
         info(f"created s3://{bucket} in {config.region}: public access blocked, default encryption {algorithm}")
 
 
-def bucket_exists(aws: Aws, bucket: str) -> bool:
-    try:
-        aws.read("s3", "head_bucket", Bucket=bucket)
-    except AwsError as exc:
-        if exc.code in ("404", "NoSuchBucket", "NotFound"):
-            return False
-        if exc.code in ("403", "AccessDenied"):
-            raise FruitpipeError(f"s3://{bucket} exists but this account may not use it; bucket names are "
-                                 "global, so choose another emr.bucket") from None
-        raise
-    return True
-
-
-def bucket_region(aws: Aws, bucket: str) -> str:
-    """The bucket's region (S3 reports us-east-1 as no constraint and old eu-west-1 buckets as EU)."""
-    location = aws.read("s3", "get_bucket_location", Bucket=bucket).get("LocationConstraint")
-    return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
-
-
 def require_region(config: EmrConfig, aws: Aws, bucket: str, what: str) -> None:
     """Refuses a bucket outside the configured region unless emr.allow_other_region is set."""
     try:
-        region = bucket_region(aws, bucket)
+        region = queries.bucket_region(aws, bucket)
     except AwsError as exc:
         if exc.code == "NoSuchBucket":
             raise FruitpipeError(f"{what} bucket s3://{bucket} does not exist") from None
@@ -253,25 +192,6 @@ def require_region(config: EmrConfig, aws: Aws, bucket: str, what: str) -> None:
     if region != config.region and not config.allow_other_region:
         raise FruitpipeError(f"{what} bucket s3://{bucket} is in {region}, not {config.region}: refusing to move "
                              "data across regions (set emr.allow_other_region: true to allow it)")
-
-
-def object_exists(aws: Aws, uri: str) -> bool:
-    bucket, key = split_s3(uri)
-    try:
-        aws.read("s3", "head_object", Bucket=bucket, Key=key)
-    except AwsError as exc:
-        if exc.code in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-    return True
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """('bucket', 'key/prefix') of an s3:// URI (EMR's s3n:// and s3a:// spellings accepted)."""
-    match = re.match(r"^s3[an]?://([^/]+)/?(.*)$", uri)
-    if not match:
-        raise FruitpipeError(f"{uri} is not an s3:// URI")
-    return match.group(1), match.group(2)
 
 
 # ---------------------------------------------------------------- upload, up, submit
@@ -312,7 +232,8 @@ def upload(config: EmrConfig, aws: Aws, wheel: Path | None, run_config: str | No
         files.append((config.uri(config.code_prefix, specs.RUN_CONFIG_NAME), node_run_config(run_config),
                       "application/yaml"))
     for uri, body, content_type in files:
-        aws.change("s3", "put_object", Bucket=bucket, Key=split_s3(uri)[1], Body=body, ContentType=content_type)
+        key = queries.split_s3(uri)[1]
+        aws.change("s3", "put_object", Bucket=bucket, Key=key, Body=body, ContentType=content_type)
         if not aws.dry_run:
             print(uri)
     return 0
@@ -359,7 +280,7 @@ def up(config: EmrConfig, aws: Aws, wait: bool, interval: float, timeout: float 
     """Starts the cluster; prints its id."""
     bucket = config.require_bucket()
     script = config.uri(config.code_prefix, specs.BOOTSTRAP_NAME)
-    if not bucket_exists(aws, bucket) or not object_exists(aws, script):
+    if not queries.bucket_exists(aws, bucket) or not queries.object_exists(aws, script):
         if not aws.dry_run:
             raise FruitpipeError(f"{script} is missing: run `fruitpipe emr upload` first")
         info(f"note: {script} is missing; run `fruitpipe emr upload` before a real `up`")
@@ -376,7 +297,7 @@ def up(config: EmrConfig, aws: Aws, wait: bool, interval: float, timeout: float 
          "Follow it with `fruitpipe emr status`.")
     if not wait:
         return 0
-    state = wait_for(lambda: _cluster_state(aws, cluster_id), done=("WAITING", "RUNNING"),
+    state = wait_for(lambda: queries.cluster_state(aws, cluster_id), done=("WAITING", "RUNNING"),
                      failed=TERMINATED_STATES, interval=interval, timeout=timeout, label=cluster_id)
     return 0 if state in ("WAITING", "RUNNING") else 1
 
@@ -388,15 +309,15 @@ def submit(config: EmrConfig, aws: Aws, *, cluster: str | None, mode: str, sourc
     run_name = run_name or f"{mode}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     if not _RUN_NAME.match(run_name):
         raise FruitpipeError(f"run name {run_name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder)")
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=True)
+    cluster_id = queries.resolve_cluster(aws, config, cluster, active_only=True)
     source = source or config.uri(config.input_prefix) + "/"
     output = output or config.uri(config.output_prefix, run_name) + "/"
     for what, uri in (("input", source), ("output", output)):
         if not uri.startswith("s3://"):
             raise FruitpipeError(f"the {what} {uri} must be an s3:// URI: the cluster cannot read this machine")
-        require_region(config, aws, split_s3(uri)[0], f"the {what}")
+        require_region(config, aws, queries.split_s3(uri)[0], f"the {what}")
     model_uri = config.uri(config.code_prefix, specs.MODEL_FOLDER)
-    if not object_exists(aws, f"{model_uri}/{ARTIFACT_JSON}"):
+    if not queries.object_exists(aws, f"{model_uri}/{ARTIFACT_JSON}"):
         if not aws.dry_run:
             raise FruitpipeError(f"{model_uri}/ holds no model artifact: run `fruitpipe emr upload` first")
         info(f"note: {model_uri}/ holds no model artifact; run `fruitpipe emr upload` before a real `submit`")
@@ -417,7 +338,7 @@ def submit(config: EmrConfig, aws: Aws, *, cluster: str | None, mode: str, sourc
          f"(then `fruitpipe emr download {output}`)")
     if not wait:
         return 0
-    state = wait_for(lambda: _step_state(aws, cluster_id, step_id), done=("COMPLETED",),
+    state = wait_for(lambda: queries.step_state(aws, cluster_id, step_id), done=("COMPLETED",),
                      failed=FAILED_STEP_STATES, interval=interval, timeout=timeout, label=step_id)
     if state in FAILED_STEP_STATES:
         info(f"see its logs with `fruitpipe emr logs --cluster {cluster_id} --step {step_id}`")
@@ -426,14 +347,8 @@ def submit(config: EmrConfig, aws: Aws, *, cluster: str | None, mode: str, sourc
 
 def _sync_object(aws: Aws, uri: str, body: bytes) -> None:
     """Uploads ``body`` to ``uri`` unless the object there already has exactly these bytes."""
-    bucket, key = split_s3(uri)
-    try:
-        current = aws.read("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
-    except AwsError as exc:
-        if exc.code not in ("NoSuchKey", "404"):
-            raise
-        current = None
-    if current != body:
+    if queries.object_bytes(aws, uri) != body:
+        bucket, key = queries.split_s3(uri)
         aws.change("s3", "put_object", Bucket=bucket, Key=key, Body=body, ContentType="application/yaml")
         if not aws.dry_run:
             info(f"uploaded the run config to {uri}")
@@ -464,42 +379,6 @@ def wait_for(poll: Callable[[], tuple[str, str]], *, done: Collection[str], fail
         sleep(interval)
 
 
-def _cluster_state(aws: Aws, cluster_id: str) -> tuple[str, str]:
-    status = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]["Status"]
-    return status["State"], status.get("StateChangeReason", {}).get("Message", "")
-
-
-def _step_state(aws: Aws, cluster_id: str, step_id: str) -> tuple[str, str]:
-    status = aws.read("emr", "describe_step", ClusterId=cluster_id, StepId=step_id)["Step"]["Status"]
-    failure = status.get("FailureDetails") or {}
-    detail = "; ".join(str(failure[k]) for k in ("Reason", "Message", "LogFile") if failure.get(k))
-    return status["State"], detail
-
-
-def resolve_cluster(aws: Aws, config: EmrConfig, explicit: str | None, active_only: bool) -> str:
-    """The cluster a command acts on: ``explicit``, else the one active cluster named emr.cluster_name.
-
-    Without ``active_only`` the newest cluster of that name is used when none is active.
-    """
-    if explicit:
-        if not _CLUSTER_ID.match(explicit):
-            raise FruitpipeError(f"{explicit} is not an EMR cluster id such as j-2AXXXXXXGAPLF")
-        return explicit
-    states = {"ClusterStates": list(specs.ACTIVE_CLUSTER_STATES)} if active_only else {}
-    clusters = [c for page in aws.pages("emr", "list_clusters", **states) for c in page["Clusters"]
-                if c["Name"] == config.cluster_name]
-    active = [c for c in clusters if c["Status"]["State"] in specs.ACTIVE_CLUSTER_STATES]
-    if len(active) > 1:
-        raise FruitpipeError(f"{len(active)} active clusters are named {config.cluster_name}: "
-                             f"{', '.join(c['Id'] for c in active)}; pass --cluster")
-    if active:
-        return active[0]["Id"]
-    if clusters and not active_only:
-        return max(clusters, key=lambda c: c["Status"]["Timeline"]["CreationDateTime"])["Id"]
-    raise FruitpipeError(f"no {'active ' if active_only else ''}cluster named {config.cluster_name} in "
-                         f"{config.region}: start one with `fruitpipe emr up` or pass --cluster")
-
-
 def duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -515,21 +394,21 @@ def _elapsed(timeline: dict[str, Any], start_key: str) -> str:
 
 def status(config: EmrConfig, aws: Aws, cluster: str | None) -> int:
     """Cluster state, node groups and steps with their elapsed times."""
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    cluster_id = queries.resolve_cluster(aws, config, cluster, active_only=False)
     print("\n".join(_status_lines(aws, cluster_id)))
     return 0
 
 
 def _status_lines(aws: Aws, cluster_id: str) -> list[str]:
-    c = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]
+    c = queries.cluster(aws, cluster_id)
     state = c["Status"]["State"]
     reason = c["Status"].get("StateChangeReason", {}).get("Message")
     lines = [f"cluster {cluster_id} ({c['Name']}): {state} for {_elapsed(c['Status']['Timeline'], 'CreationDateTime')}"
              + (f" - {reason}" if reason else "")]
-    for group in aws.read("emr", "list_instance_groups", ClusterId=cluster_id)["InstanceGroups"]:
+    for group in queries.instance_groups(aws, cluster_id):
         lines.append(f"  {group['InstanceGroupType'].lower():<7}{group['RequestedInstanceCount']} x "
                      f"{group['InstanceType']} {group.get('Market', 'ON_DEMAND').lower()}, {group['Status']['State']}")
-    steps = aws.read("emr", "list_steps", ClusterId=cluster_id)["Steps"]
+    steps = queries.steps(aws, cluster_id)
     if not steps:
         lines.append("  no steps yet: `fruitpipe emr submit` adds one")
     for step in steps:
@@ -542,12 +421,12 @@ def _status_lines(aws: Aws, cluster_id: str) -> list[str]:
 def watch(config: EmrConfig, aws: Aws, cluster: str | None, interval: float, timeout: float | None,
           sleep: Callable[[float], None] = time.sleep) -> int:
     """Prints cluster and step state changes until nothing more will happen without you, or ``timeout``."""
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    cluster_id = queries.resolve_cluster(aws, config, cluster, active_only=False)
     seen: dict[str, str] = {}
     start = time.monotonic()
     while True:
-        cluster_state = _cluster_state(aws, cluster_id)[0]
-        steps = aws.read("emr", "list_steps", ClusterId=cluster_id)["Steps"]
+        cluster_state = queries.cluster_state(aws, cluster_id)[0]
+        steps = queries.steps(aws, cluster_id)
         current = {cluster_id: cluster_state, **{s["Id"]: s["Status"]["State"] for s in reversed(steps)}}
         names = {s["Id"]: s["Name"] for s in steps}
         for key, state in current.items():
@@ -568,27 +447,27 @@ def watch(config: EmrConfig, aws: Aws, cluster: str | None, interval: float, tim
 # ---------------------------------------------------------------- logs, download, down
 
 
-def logs(config: EmrConfig, aws: Aws, cluster: str | None, step: str | None, out_dir: Path | None,
+def logs(config: EmrConfig, aws: Aws, cluster: str | None, step: str | None, out: Path | None,
          tail: int) -> int:
     """Downloads a step's logs (gz-decompressed) and prints the end of its stderr."""
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
+    cluster_id = queries.resolve_cluster(aws, config, cluster, active_only=False)
     if step is None:
-        steps = aws.read("emr", "list_steps", ClusterId=cluster_id)["Steps"]
+        steps = queries.steps(aws, cluster_id)
         if not steps:
             raise FruitpipeError(f"cluster {cluster_id} has no steps, so no step logs")
         step = steps[0]["Id"]
     elif not _STEP_ID.match(step):
         raise FruitpipeError(f"{step} is not an EMR step id such as s-1XXXXXXXXXXXX")
-    log_uri = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"].get("LogUri")
+    log_uri = queries.cluster(aws, cluster_id).get("LogUri")
     if not log_uri:
         raise FruitpipeError(f"cluster {cluster_id} was started without a log URI")
-    bucket, prefix = split_s3(log_uri)
+    bucket, prefix = queries.split_s3(log_uri)
     prefix = f"{prefix.rstrip('/')}/{cluster_id}/steps/{step}/".lstrip("/")
-    dest = out_dir or Path("emr-logs") / cluster_id / step
+    dest = out or Path("emr-logs") / cluster_id / step
     written = []
-    for key in _keys(aws, bucket, prefix):
+    for key in queries.keys(aws, bucket, prefix):
         name = _relative(key, prefix)
-        data = aws.read("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
+        data = b"".join(queries.object_chunks(aws, bucket, key))
         if name.endswith(".gz"):
             data, name = gzip.decompress(data), name[:-3]
         path = dest / name
@@ -608,13 +487,6 @@ def logs(config: EmrConfig, aws: Aws, cluster: str | None, step: str | None, out
     return 0
 
 
-def _keys(aws: Aws, bucket: str, prefix: str) -> Iterator[str]:
-    for page in aws.pages("s3", "list_objects_v2", Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            if not item["Key"].endswith("/"):
-                yield item["Key"]
-
-
 def _relative(key: str, prefix: str) -> str:
     """``key`` below ``prefix`` as a safe relative path: S3 keys must not write outside the destination."""
     name = key[len(prefix):]
@@ -624,21 +496,20 @@ def _relative(key: str, prefix: str) -> str:
     return name
 
 
-def download(config: EmrConfig, aws: Aws, run: str, dest: Path | None, overwrite: bool) -> int:
+def download(config: EmrConfig, aws: Aws, run: str, out: Path | None, overwrite: bool) -> int:
     """Copies a run's outputs (an s3:// URI, or a run name under the output prefix) to a local folder."""
     uri = run if run.startswith("s3://") else config.uri(config.output_prefix, run.strip("/"))
-    bucket, prefix = split_s3(uri)
+    bucket, prefix = queries.split_s3(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    dest = dest or Path("output") / (PurePosixPath(prefix).name or bucket)
+    dest = out or Path("output") / (PurePosixPath(prefix).name or bucket)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise FruitpipeError(f"{dest} is not empty; pass --overwrite or choose another --out")
     count = 0
-    for key in _keys(aws, bucket, prefix):
+    for key in queries.keys(aws, bucket, prefix):
         path = dest / _relative(key, prefix)
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = aws.read("s3", "get_object", Bucket=bucket, Key=key)["Body"]
         with path.open("wb") as handle:
-            for chunk in body.iter_chunks(1 << 20):
+            for chunk in queries.object_chunks(aws, bucket, key):
                 handle.write(chunk)
         count += 1
     if count == 0:
@@ -651,8 +522,8 @@ def download(config: EmrConfig, aws: Aws, run: str, dest: Path | None, overwrite
 def down(config: EmrConfig, aws: Aws, cluster: str | None, yes: bool, wait: bool, interval: float,
          timeout: float | None) -> int:
     """Terminates the cluster after confirmation; never without one, and never silently."""
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=True)
-    c = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]
+    cluster_id = queries.resolve_cluster(aws, config, cluster, active_only=True)
+    c = queries.cluster(aws, cluster_id)
     state = c["Status"]["State"]
     if state in TERMINATED_STATES:
         info(f"cluster {cluster_id} is already {state}")
@@ -670,7 +541,7 @@ def down(config: EmrConfig, aws: Aws, cluster: str | None, yes: bool, wait: bool
         return 0
     info(f"cluster {cluster_id} is terminating")
     if wait:
-        wait_for(lambda: _cluster_state(aws, cluster_id), done=TERMINATED_STATES, failed=(),
+        wait_for(lambda: queries.cluster_state(aws, cluster_id), done=TERMINATED_STATES, failed=(),
                  interval=interval, timeout=timeout, label=cluster_id)
     return 0
 
@@ -680,12 +551,12 @@ def down(config: EmrConfig, aws: Aws, cluster: str | None, yes: bool, wait: bool
 
 def cost_actual(config: EmrConfig, aws: Aws, cluster: str | None, images: int | None) -> int:
     """Cost of a real cluster from its timeline (creation to termination, or now) and its node groups."""
-    cluster_id = resolve_cluster(aws, config, cluster, active_only=False)
-    timeline = aws.read("emr", "describe_cluster", ClusterId=cluster_id)["Cluster"]["Status"]["Timeline"]
+    cluster_id = queries.resolve_cluster(aws, config, cluster, active_only=False)
+    timeline = queries.cluster(aws, cluster_id)["Status"]["Timeline"]
     end = timeline.get("EndDateTime")
     seconds = ((end or datetime.now(timezone.utc)) - timeline["CreationDateTime"]).total_seconds()
     hours = max(seconds, 60) / 3600  # EMR and EC2 bill per second with a one-minute minimum
     groups = [cost.NodeGroup(g["InstanceType"], g["RequestedInstanceCount"])
-              for g in aws.read("emr", "list_instance_groups", ClusterId=cluster_id)["InstanceGroups"]]
+              for g in queries.instance_groups(aws, cluster_id)]
     print(cost.format_actual(cluster_id, groups, hours, images, config.region, finished=end is not None))
     return 0
