@@ -21,7 +21,8 @@ from fruitpipe.images import preprocess
 from fruitpipe.models import build_model, export_onnx, get_spec, resolve_weights
 from fruitpipe.quantize import quantize_int8
 
-openvino = pytest.importorskip("openvino", reason="openvino is not installed: pip install -c requirements.lock openvino")
+pytest.importorskip("openvino", reason="openvino is not installed: "
+                    "pip install -c requirements.lock openvino")
 
 LITE = "efficientnet_lite0"
 CAT_CLASSES = range(281, 286)
