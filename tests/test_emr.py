@@ -21,7 +21,7 @@ import tarfile
 import urllib.request
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -130,12 +130,18 @@ def write_config(path: Path, **emr: Any) -> Path:
     return path
 
 
+def fresh_config(folder: Path) -> tuple[Path, str, str]:
+    """(config path, bucket, cluster name): fresh names, so tests sharing the server do not meet."""
+    bucket, name = unique("fruitpipe-test"), unique("fp")
+    config_path = write_config(folder / "fruitpipe.yaml", bucket=bucket, cluster_name=name, idle_timeout_s=1800,
+                               tags={"owner": "data-team"})
+    return config_path, bucket, name
+
+
 @pytest.fixture
 def setup(aws_env, capsys, tmp_path):
-    """A config with a fresh bucket name and cluster name, so tests sharing the server do not meet."""
-    bucket, name = unique("fruitpipe-test"), unique("fp")
-    config_path = write_config(tmp_path / "fruitpipe.yaml", bucket=bucket, cluster_name=name, idle_timeout_s=1800,
-                               tags={"owner": "data-team"})
+    """A runner on a config of its own, with its bucket and cluster names."""
+    config_path, bucket, name = fresh_config(tmp_path)
     return Runner(capsys, config_path), bucket, name
 
 
@@ -190,138 +196,197 @@ class FakeTerminal(io.StringIO):
 # ------------------------------------------------------------------ the whole lifecycle
 
 
-def test_lifecycle_check_upload_up_submit_status_logs_download_down(setup, moto, sent, tmp_path, monkeypatch):
-    emr, bucket, name = setup
-    s3, emr_api, iam = moto.client("s3"), moto.client("emr"), moto.client("iam")
+@dataclass
+class Lifecycle:
+    """What one EMR lifecycle's steps hand on to the next: the names, the cluster, its step and every output."""
 
-    result = emr("check")
-    assert result.rc == 1
-    assert re.search(r"MISSING\s+bucket", result.out) and re.search(r"MISSING\s+iam role\s+EMR_DefaultRole", result.out)
-    assert "account 123456789012" in result.out
+    bucket: str
+    name: str
+    config_path: Path
+    folder: Path
+    failures_before: int
+    transcript: list[str] = field(default_factory=list)
+    cluster_id: str = ""
+    step_id: str = ""
 
-    assert emr("roles", "create").rc == 0
-    profile = iam.get_instance_profile(InstanceProfileName="EMR_EC2_DefaultRole")["InstanceProfile"]
-    assert [r["RoleName"] for r in profile["Roles"]] == ["EMR_EC2_DefaultRole"]
-    attached = iam.list_attached_role_policies(RoleName="EMR_DefaultRole")["AttachedPolicies"]
-    assert attached[0]["PolicyName"] == "AmazonElasticMapReduceRole"
 
-    result = emr("upload")
-    assert result.rc == 0, result.err
-    code = f"s3://{bucket}/fruitpipe/code/"
-    assert result.out.split() == [f"{code}fruitpipe-0.1.0-py3-none-any.whl", f"{code}model/feature_extractor.onnx",
-                                  f"{code}model/model.json", f"{code}bootstrap.sh", f"{code}run.yaml"]
-    model_json = json.loads(s3.get_object(Bucket=bucket, Key="fruitpipe/code/model/model.json")["Body"].read())
-    onnx = s3.get_object(Bucket=bucket, Key="fruitpipe/code/model/feature_extractor.onnx")["Body"].read()
-    assert model_json["model"] == "efficientnet_lite0" and model_json["precision"] == "fp32"
-    assert model_json["onnx_sha256"] == hashlib.sha256(onnx).hexdigest()
-    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
-    assert block == {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
-                     "RestrictPublicBuckets": True}
-    rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
-    assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
-    assert s3.get_bucket_location(Bucket=bucket)["LocationConstraint"] == "eu-west-1"
-    assert {"Key": "project", "Value": "fruitpipe"} in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]
-    script = s3.get_object(Bucket=bucket, Key="fruitpipe/code/bootstrap.sh")["Body"].read().decode()
-    assert "set -euo pipefail" in script and f"aws s3 cp --only-show-errors {code}fruitpipe-0.1.0" in script
-    wheel = s3.get_object(Bucket=bucket, Key="fruitpipe/code/fruitpipe-0.1.0-py3-none-any.whl")["Body"].read()
-    assert "fruitpipe/cloud/cli.py" in zipfile.ZipFile(io.BytesIO(wheel)).namelist()
-    run_config = s3.get_object(Bucket=bucket, Key="fruitpipe/code/run.yaml")["Body"].read()
-    assert run_config == emr.config_path.read_bytes()
+@pytest.fixture(scope="class")
+def lifecycle(tmp_path_factory, request) -> Lifecycle:
+    folder = tmp_path_factory.mktemp("lifecycle")
+    config_path, bucket, name = fresh_config(folder)
+    return Lifecycle(bucket, name, config_path, folder, failures_before=request.session.testsfailed)
 
-    result = emr("check")
-    assert result.rc == 0, result.out
-    assert re.search(r"ok\s+public access\s+blocked", result.out) and "ready" in result.out
 
-    result = emr("up", "--wait", "--interval", "0.05", "--timeout", "5")
-    assert result.rc == 0, result.err
-    cluster_id = result.out.strip()
-    assert re.fullmatch(r"j-[0-9A-Z]+", cluster_id) and "WAITING" in result.err
-    # moto does not store AutoTerminationPolicy, and its EMR places every cluster in its us-east-1
-    # backend when reached through a custom endpoint, so both are checked on the request as sent.
-    run = next(r for r in sent if r.operation == "RunJobFlow")
-    assert run.params["AutoTerminationPolicy"] == {"IdleTimeout": 1800}
-    assert run.signing_region == "eu-west-1"
-    cluster = emr_api.describe_cluster(ClusterId=cluster_id)["Cluster"]
-    tags = {t["Key"]: t["Value"] for t in cluster["Tags"]}
-    assert tags == {"project": "fruitpipe", "owner": "data-team"}
-    assert cluster["VisibleToAllUsers"] is True and cluster["LogUri"] == f"s3://{bucket}/fruitpipe/logs/"
-    assert cluster["ReleaseLabel"] == DEFAULT_RELEASE and cluster["Name"] == name
-    spark_defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")
-    assert spark_defaults["Properties"]["spark.executorEnv.OMP_NUM_THREADS"] == "1"
-    assert spark_defaults["Properties"]["spark.pyspark.python"] == specs.NODE_PYTHON
-    actions = emr_api.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
-    assert [a["ScriptPath"] for a in actions] == [f"{code}bootstrap.sh"]
-    groups = {g["InstanceGroupType"]: g for g in emr_api.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]}
-    assert groups["CORE"]["RequestedInstanceCount"] == 2 and groups["MASTER"]["Market"] == "ON_DEMAND"
+@pytest.fixture
+def lifecycle_emr(lifecycle, aws_env, capsys, request) -> Runner:
+    """The lifecycle's runner for one step. Each step builds on the ones before, so after a failure the rest skip
+    and the failure names its step."""
+    if request.session.testsfailed > lifecycle.failures_before:
+        pytest.skip("an earlier step of the EMR lifecycle failed")
+    runner = Runner(capsys, lifecycle.config_path)
+    runner.transcript = lifecycle.transcript
+    return runner
 
-    assert emr("submit", "--run-name", "../escape").rc == 2
-    result = emr("submit", "--mode", "mini", "--run-name", "first", "--", "--batch-size", "32")
-    assert result.rc == 0, result.err
-    step_id = result.out.strip()
-    steps = {s["Id"]: s for s in emr_api.list_steps(ClusterId=cluster_id)["Steps"]}
-    args = steps[step_id]["Config"]["Args"]
-    assert args == ["spark-submit", "--master", "yarn", "--deploy-mode", "client", specs.NODE_LAUNCHER,
-                    "--config", specs.NODE_RUN_CONFIG, "run", f"s3://{bucket}/fruitpipe/input/",
-                    f"s3://{bucket}/fruitpipe/output/first/", "--mode", "mini", "--master", "yarn",
-                    "--model-file", f"{code}model", "--batch-size", "32"]
-    assert steps[step_id]["Config"]["Jar"] == "command-runner.jar"
-    fetch = next(s for s in steps.values() if s["Id"] != step_id)
-    assert fetch["Config"]["Args"][-2:] == [f"{code}run.yaml", specs.NODE_RUN_CONFIG]
 
-    # moto never finishes a step, so following one ends at the timeout with the state it reached.
-    result = emr("submit", "--run-name", "second", "--wait", "--interval", "0.05", "--timeout", "0.2")
-    assert result.rc == 1 and "stopped waiting" in result.err
+class TestLifecycle:
+    """check, roles create, upload, up, submit, status, watch, logs, download, audit, down, cost: in this order,
+    on one bucket and one cluster."""
 
-    result = emr("status")
-    assert result.rc == 0
-    assert f"cluster {cluster_id} ({name}): RUNNING" in result.out and f"step {step_id}" in result.out
-    assert "2 x m5.xlarge" in result.out
+    def test_check_lists_what_is_missing(self, lifecycle_emr):
+        result = lifecycle_emr("check")
+        assert result.rc == 1
+        assert re.search(r"MISSING\s+bucket", result.out) and re.search(r"MISSING\s+iam role\s+EMR_DefaultRole",
+                                                                        result.out)
+        assert "account 123456789012" in result.out
 
-    result = emr("watch", "--interval", "0.05", "--timeout", "0.2")
-    assert result.rc == 0 and "stopped watching" in result.err
-    assert re.search(rf"\+0:00:00: cluster {cluster_id}: RUNNING", result.out)
-    assert re.search(rf"step {step_id} \(fruitpipe run --mode mini\): (PENDING|RUNNING)", result.out)
+    def test_roles_create(self, lifecycle_emr, moto):
+        iam = moto.client("iam")
+        assert lifecycle_emr("roles", "create").rc == 0
+        profile = iam.get_instance_profile(InstanceProfileName="EMR_EC2_DefaultRole")["InstanceProfile"]
+        assert [r["RoleName"] for r in profile["Roles"]] == ["EMR_EC2_DefaultRole"]
+        attached = iam.list_attached_role_policies(RoleName="EMR_DefaultRole")["AttachedPolicies"]
+        assert attached[0]["PolicyName"] == "AmazonElasticMapReduceRole"
 
-    step_logs = f"fruitpipe/logs/{cluster_id}/steps/{step_id}/"
-    s3.put_object(Bucket=bucket, Key=step_logs + "stderr.gz", Body=gzip.compress(b"starting\nTraceback: boom\n"))
-    s3.put_object(Bucket=bucket, Key=step_logs + "stdout.gz", Body=gzip.compress(b"42 images\n"))
-    result = emr("logs", "--step", step_id, "--out", str(tmp_path / "logs"), "--tail", "1")
-    assert result.rc == 0, result.err
-    assert (tmp_path / "logs" / "stderr").read_text() == "starting\nTraceback: boom\n"
-    assert (tmp_path / "logs" / "stdout").read_text() == "42 images\n"
-    assert result.out.rstrip().endswith("Traceback: boom")
+    def test_upload_creates_a_private_encrypted_bucket_with_the_code(self, lifecycle, lifecycle_emr, moto):
+        s3, bucket = moto.client("s3"), lifecycle.bucket
+        result = lifecycle_emr("upload")
+        assert result.rc == 0, result.err
+        code = f"s3://{bucket}/fruitpipe/code/"
+        assert result.out.split() == [f"{code}fruitpipe-0.1.0-py3-none-any.whl", f"{code}model/feature_extractor.onnx",
+                                      f"{code}model/model.json", f"{code}bootstrap.sh", f"{code}run.yaml"]
+        model_json = json.loads(s3.get_object(Bucket=bucket, Key="fruitpipe/code/model/model.json")["Body"].read())
+        onnx = s3.get_object(Bucket=bucket, Key="fruitpipe/code/model/feature_extractor.onnx")["Body"].read()
+        assert model_json["model"] == "efficientnet_lite0" and model_json["precision"] == "fp32"
+        assert model_json["onnx_sha256"] == hashlib.sha256(onnx).hexdigest()
+        block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+        assert block == {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+                         "RestrictPublicBuckets": True}
+        rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+        assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+        assert s3.get_bucket_location(Bucket=bucket)["LocationConstraint"] == "eu-west-1"
+        assert {"Key": "project", "Value": "fruitpipe"} in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]
+        script = s3.get_object(Bucket=bucket, Key="fruitpipe/code/bootstrap.sh")["Body"].read().decode()
+        assert "set -euo pipefail" in script and f"aws s3 cp --only-show-errors {code}fruitpipe-0.1.0" in script
+        wheel = s3.get_object(Bucket=bucket, Key="fruitpipe/code/fruitpipe-0.1.0-py3-none-any.whl")["Body"].read()
+        assert "fruitpipe/cloud/cli.py" in zipfile.ZipFile(io.BytesIO(wheel)).namelist()
+        run_config = s3.get_object(Bucket=bucket, Key="fruitpipe/code/run.yaml")["Body"].read()
+        assert run_config == lifecycle.config_path.read_bytes()
 
-    for key, body in {"first/features.parquet/part-0.parquet": b"PAR1", "first/report.html": b"<html>"}.items():
-        s3.put_object(Bucket=bucket, Key=f"fruitpipe/output/{key}", Body=body)
-    result = emr("download", "first", "--out", str(tmp_path / "first"))
-    assert result.rc == 0, result.err
-    assert (tmp_path / "first" / "features.parquet" / "part-0.parquet").read_bytes() == b"PAR1"
-    assert (tmp_path / "first" / "report.html").read_bytes() == b"<html>"
-    assert emr("download", "first", "--out", str(tmp_path / "first")).rc == 2
+    def test_check_is_ready_after_upload(self, lifecycle_emr):
+        result = lifecycle_emr("check")
+        assert result.rc == 0, result.out
+        assert re.search(r"ok\s+public access\s+blocked", result.out) and "ready" in result.out
 
-    result = emr("audit")
-    assert result.rc == 0
-    assert cluster_id in result.out and f"{bucket} (eu-west-1): " in result.out
+    def test_up_waits_for_the_cluster(self, lifecycle, lifecycle_emr, moto, sent):
+        emr_api, bucket, code = moto.client("emr"), lifecycle.bucket, f"s3://{lifecycle.bucket}/fruitpipe/code/"
+        result = lifecycle_emr("up", "--wait", "--interval", "0.05", "--timeout", "5")
+        assert result.rc == 0, result.err
+        cluster_id = lifecycle.cluster_id = result.out.strip()
+        assert re.fullmatch(r"j-[0-9A-Z]+", cluster_id) and "WAITING" in result.err
+        # moto does not store AutoTerminationPolicy, and its EMR places every cluster in its us-east-1
+        # backend when reached through a custom endpoint, so both are checked on the request as sent.
+        run = next(r for r in sent if r.operation == "RunJobFlow")
+        assert run.params["AutoTerminationPolicy"] == {"IdleTimeout": 1800}
+        assert run.signing_region == "eu-west-1"
+        cluster = emr_api.describe_cluster(ClusterId=cluster_id)["Cluster"]
+        tags = {t["Key"]: t["Value"] for t in cluster["Tags"]}
+        assert tags == {"project": "fruitpipe", "owner": "data-team"}
+        assert cluster["VisibleToAllUsers"] is True and cluster["LogUri"] == f"s3://{bucket}/fruitpipe/logs/"
+        assert cluster["ReleaseLabel"] == DEFAULT_RELEASE and cluster["Name"] == lifecycle.name
+        spark_defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")
+        assert spark_defaults["Properties"]["spark.executorEnv.OMP_NUM_THREADS"] == "1"
+        assert spark_defaults["Properties"]["spark.pyspark.python"] == specs.NODE_PYTHON
+        actions = emr_api.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
+        assert [a["ScriptPath"] for a in actions] == [f"{code}bootstrap.sh"]
+        groups = {g["InstanceGroupType"]: g
+                  for g in emr_api.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]}
+        assert groups["CORE"]["RequestedInstanceCount"] == 2 and groups["MASTER"]["Market"] == "ON_DEMAND"
 
-    result = emr("down")
-    assert result.rc == 2 and "pass --yes" in result.err
-    monkeypatch.setattr("sys.stdin", FakeTerminal("n\n"))
-    assert emr("down").rc == 1
-    assert cluster_state(moto, cluster_id) != "TERMINATED"
-    monkeypatch.setattr("sys.stdin", FakeTerminal("y\n"))
-    assert emr("down", "--wait", "--interval", "0.05").rc == 0
-    assert cluster_state(moto, cluster_id) == "TERMINATED"
+    def test_submit_adds_the_config_fetch_and_run_steps(self, lifecycle, lifecycle_emr, moto):
+        bucket, cluster_id, code = lifecycle.bucket, lifecycle.cluster_id, f"s3://{lifecycle.bucket}/fruitpipe/code/"
+        assert lifecycle_emr("submit", "--run-name", "../escape").rc == 2
+        result = lifecycle_emr("submit", "--mode", "mini", "--run-name", "first", "--", "--batch-size", "32")
+        assert result.rc == 0, result.err
+        step_id = lifecycle.step_id = result.out.strip()
+        steps = {s["Id"]: s for s in moto.client("emr").list_steps(ClusterId=cluster_id)["Steps"]}
+        args = steps[step_id]["Config"]["Args"]
+        assert args == ["spark-submit", "--master", "yarn", "--deploy-mode", "client", specs.NODE_LAUNCHER,
+                        "--config", specs.NODE_RUN_CONFIG, "run", f"s3://{bucket}/fruitpipe/input/",
+                        f"s3://{bucket}/fruitpipe/output/first/", "--mode", "mini", "--master", "yarn",
+                        "--model-file", f"{code}model", "--batch-size", "32"]
+        assert steps[step_id]["Config"]["Jar"] == "command-runner.jar"
+        fetch = next(s for s in steps.values() if s["Id"] != step_id)
+        assert fetch["Config"]["Args"][-2:] == [f"{code}run.yaml", specs.NODE_RUN_CONFIG]
 
-    result = emr("watch", "--interval", "0.05")
-    assert result.rc == 0 and f"cluster {cluster_id}: TERMINATED" in result.out
+    def test_submit_wait_stops_at_its_timeout(self, lifecycle_emr):
+        # moto never finishes a step, so following one ends at the timeout with the state it reached.
+        result = lifecycle_emr("submit", "--run-name", "second", "--wait", "--interval", "0.05", "--timeout", "0.2")
+        assert result.rc == 1 and "stopped waiting" in result.err
 
-    result = emr("cost", "--cluster", cluster_id, "--images", "10000")
-    assert result.rc == 0 and "in total" in result.out
-    assert re.search(r"cost: \$\d+\.\d\d \(€\d+\.\d\d\), \$\d+\.\d{4} \(€\d+\.\d{4}\) per 10k images", result.out)
+    def test_status(self, lifecycle, lifecycle_emr):
+        result = lifecycle_emr("status")
+        assert result.rc == 0
+        assert f"cluster {lifecycle.cluster_id} ({lifecycle.name}): RUNNING" in result.out
+        assert f"step {lifecycle.step_id}" in result.out
+        assert "2 x m5.xlarge" in result.out
 
-    objects = [s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-               for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
-    assert_no_secrets(emr.transcript, roots=[tmp_path], blobs=objects)
+    def test_watch_stops_at_its_timeout(self, lifecycle, lifecycle_emr):
+        result = lifecycle_emr("watch", "--interval", "0.05", "--timeout", "0.2")
+        assert result.rc == 0 and "stopped watching" in result.err
+        assert re.search(rf"\+0:00:00: cluster {lifecycle.cluster_id}: RUNNING", result.out)
+        assert re.search(rf"step {lifecycle.step_id} \(fruitpipe run --mode mini\): (PENDING|RUNNING)", result.out)
+
+    def test_logs_are_downloaded_decompressed(self, lifecycle, lifecycle_emr, moto):
+        s3, bucket, out = moto.client("s3"), lifecycle.bucket, lifecycle.folder / "logs"
+        step_logs = f"fruitpipe/logs/{lifecycle.cluster_id}/steps/{lifecycle.step_id}/"
+        s3.put_object(Bucket=bucket, Key=step_logs + "stderr.gz", Body=gzip.compress(b"starting\nTraceback: boom\n"))
+        s3.put_object(Bucket=bucket, Key=step_logs + "stdout.gz", Body=gzip.compress(b"42 images\n"))
+        result = lifecycle_emr("logs", "--step", lifecycle.step_id, "--out", str(out), "--tail", "1")
+        assert result.rc == 0, result.err
+        assert (out / "stderr").read_text() == "starting\nTraceback: boom\n"
+        assert (out / "stdout").read_text() == "42 images\n"
+        assert result.out.rstrip().endswith("Traceback: boom")
+
+    def test_download_copies_a_run_and_keeps_what_is_there(self, lifecycle, lifecycle_emr, moto):
+        s3, out = moto.client("s3"), lifecycle.folder / "first"
+        for key, body in {"first/features.parquet/part-0.parquet": b"PAR1", "first/report.html": b"<html>"}.items():
+            s3.put_object(Bucket=lifecycle.bucket, Key=f"fruitpipe/output/{key}", Body=body)
+        result = lifecycle_emr("download", "first", "--out", str(out))
+        assert result.rc == 0, result.err
+        assert (out / "features.parquet" / "part-0.parquet").read_bytes() == b"PAR1"
+        assert (out / "report.html").read_bytes() == b"<html>"
+        assert lifecycle_emr("download", "first", "--out", str(out)).rc == 2
+
+    def test_audit_lists_the_cluster_and_the_bucket(self, lifecycle, lifecycle_emr):
+        result = lifecycle_emr("audit")
+        assert result.rc == 0
+        assert lifecycle.cluster_id in result.out and f"{lifecycle.bucket} (eu-west-1): " in result.out
+
+    def test_down_asks_first(self, lifecycle, lifecycle_emr, moto, monkeypatch):
+        result = lifecycle_emr("down")
+        assert result.rc == 2 and "pass --yes" in result.err
+        monkeypatch.setattr("sys.stdin", FakeTerminal("n\n"))
+        assert lifecycle_emr("down").rc == 1
+        assert cluster_state(moto, lifecycle.cluster_id) != "TERMINATED"
+        monkeypatch.setattr("sys.stdin", FakeTerminal("y\n"))
+        assert lifecycle_emr("down", "--wait", "--interval", "0.05").rc == 0
+        assert cluster_state(moto, lifecycle.cluster_id) == "TERMINATED"
+
+    def test_watch_ends_with_the_cluster(self, lifecycle, lifecycle_emr):
+        result = lifecycle_emr("watch", "--interval", "0.05")
+        assert result.rc == 0 and f"cluster {lifecycle.cluster_id}: TERMINATED" in result.out
+
+    def test_cost_of_the_cluster(self, lifecycle, lifecycle_emr):
+        result = lifecycle_emr("cost", "--cluster", lifecycle.cluster_id, "--images", "10000")
+        assert result.rc == 0 and "in total" in result.out
+        assert re.search(r"cost: \$\d+\.\d\d \(€\d+\.\d\d\), \$\d+\.\d{4} \(€\d+\.\d{4}\) per 10k images",
+                         result.out)
+
+    def test_no_output_file_or_object_holds_a_credential(self, lifecycle, lifecycle_emr, moto):
+        s3, bucket = moto.client("s3"), lifecycle.bucket
+        objects = [s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                   for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+        assert_no_secrets(lifecycle.transcript, roots=[lifecycle.folder], blobs=objects)
 
 
 # ------------------------------------------------------------------ dry runs, refusals, audit
