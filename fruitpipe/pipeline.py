@@ -6,6 +6,7 @@ different configuration is refused rather than mixed; `overwrite` starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import platform
@@ -291,7 +292,8 @@ def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: d
         if config.overwrite:
             for name in list_names(out, out.path):
                 if name != sinks.RUN_MARKER:
-                    remove_tree(out, out.join(name))
+                    with contextlib.suppress(FileNotFoundError):  # e.g. the heartbeat's temp marker, renamed since
+                        remove_tree(out, out.join(name))
             folder.record(identity)
         else:
             remove_partial_writes(out)
