@@ -28,13 +28,14 @@ from typing import Any
 
 from fruitpipe import sinks
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.storage import Location, exists, locate, remove_tree
+from fruitpipe.storage import Location, exists, locate, remove_tree, seconds_from_env
 
 IN_PROGRESS = "in_progress"
 FINISHED = "finished"
 # Seconds between heartbeats; FRUITPIPE_LEASE_HEARTBEAT_S overrides it (tests use a fraction of a second).
 HEARTBEAT_S = 5.0
 HEARTBEAT_ENV = "FRUITPIPE_LEASE_HEARTBEAT_S"
+MIN_HEARTBEAT_S = 0.1
 # A lease whose heartbeat is older than this many of its holder's intervals is stale: its run is gone.
 STALE_BEATS = 3
 # How long a claim waits before reading the marker back (at most a quarter of a heartbeat interval).
@@ -43,14 +44,7 @@ CLAIM_SETTLE_S = 0.5
 
 def heartbeat_s() -> float:
     """Seconds between heartbeats: FRUITPIPE_LEASE_HEARTBEAT_S, else HEARTBEAT_S."""
-    text = os.environ.get(HEARTBEAT_ENV)
-    try:
-        value = float(text) if text else HEARTBEAT_S
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise FruitpipeError(f"{HEARTBEAT_ENV} must be a positive number of seconds, got {text!r}")
-    return value
+    return seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_S, minimum=MIN_HEARTBEAT_S)
 
 
 def read_marker(out: Location) -> dict[str, Any] | None:

@@ -6,8 +6,10 @@ Layout of OUT:
     metadata/part-NNNNN.parquet   image_id, path, label, split, width, height, bytes, format, status
     errors/part-NNNNN.parquet     image_id, path, label, stage, reason, retryable (every shard writes one)
     _shards/part-NNNNN.json       per-shard stats; its presence marks the shard done (resume)
-    model/                        pca_model.npz + pca_model.json, feature_extractor.onnx
-    model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json
+    model/                        pca_model.npz + pca_model.json; the model artifact (feature_extractor.onnx + model.json)
+    _fruitpipe_run.json           run marker: fingerprint, listing digest, state (in_progress / finished) and, while a
+                                  run holds OUT, its lease (fruitpipe.run_folder)
+    model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json (written last, withdrawn first)
 """
 
 from __future__ import annotations

@@ -154,15 +154,16 @@ def _first_line(exc: BaseException) -> str:
 
 def retry_budget_s() -> float:
     """Seconds of retrying before a store counts as unavailable: FRUITPIPE_STORAGE_RETRY_S, else RETRY_BUDGET_S."""
-    return _seconds_from_env(RETRY_BUDGET_ENV, RETRY_BUDGET_S, minimum=0.0)
+    return seconds_from_env(RETRY_BUDGET_ENV, RETRY_BUDGET_S, minimum=0.0)
 
 
 def call_timeout_s() -> float:
     """Seconds one storage call may take: FRUITPIPE_STORAGE_TIMEOUT_S, else CALL_TIMEOUT_S."""
-    return _seconds_from_env(CALL_TIMEOUT_ENV, CALL_TIMEOUT_S, minimum=1.0)
+    return seconds_from_env(CALL_TIMEOUT_ENV, CALL_TIMEOUT_S, minimum=1.0)
 
 
-def _seconds_from_env(name: str, default: float, minimum: float) -> float:
+def seconds_from_env(name: str, default: float, minimum: float) -> float:
+    """A duration setting from the environment (executors read their own), checked like a flag: one clear line."""
     text = os.environ.get(name)
     if not text:
         return default
