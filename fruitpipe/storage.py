@@ -60,7 +60,6 @@ _TRANSIENT_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError",
 _TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
                                errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH})
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_UNAVAILABLE_LINE = re.compile(r"StorageUnavailable: (.+)")
 
 
 # aiohttp leaves the body-writer task of a request cut by a reset unretrieved, and asyncio then prints its traceback
@@ -70,6 +69,17 @@ logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 class StorageUnavailable(FruitpipeError):
     """The store stayed unreachable through every retry: the run stops with this one line, the next one resumes."""
+
+
+class NoSpaceLeft(FruitpipeError):
+    """The disk (or quota) holding an output is full: retrying cannot help, freeing space and re-running does."""
+
+
+# Errors a Spark task raises that the user must see as their own one line: Spark hands the driver a task's exception
+# only as text (the worker's traceback inside a JVM stack trace), so unavailable_reported() finds them by name.
+_REPORTED_FROM_TASKS = (StorageUnavailable, NoSpaceLeft)
+_TASK_ERROR_LINE = re.compile(r"\b(" + "|".join(error.__name__ for error in _REPORTED_FROM_TASKS) + r"): (.+)")
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 @dataclass(frozen=True)
@@ -216,18 +226,30 @@ def read_tail(location: Location, path: str, size: int) -> bytes:
 
 
 def write_bytes(location: Location, path: str, data: bytes) -> None:
-    """Write `data` to `path` whole: temp file + atomic rename locally, one PUT on object stores."""
-    if location.is_local:
-        directory = os.path.dirname(path)
+    """Write `data` to `path` whole: temp file + atomic rename locally, one PUT on object stores.
+
+    A local write that fails removes its temp file (a full disk must not fill up further with one temp file per
+    Spark retry); a full disk or quota raises NoSpaceLeft.
+    """
+    if not location.is_local:
+        with_retries(lambda: location.call("pipe_file", path, data, sends_bytes=len(data)), location.uri(path))
+        return
+    directory = os.path.dirname(path)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
         os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         with open(temporary, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        return
-    with_retries(lambda: location.call("pipe_file", path, data, sends_bytes=len(data)), location.uri(path))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+            raise NoSpaceLeft(f"no space left on {directory} ({exc.strerror}, writing {os.path.basename(path)}); "
+                              "free some space and run the same command again to resume") from None
+        raise
 
 
 def exists(location: Location, path: str) -> bool:
@@ -365,14 +387,15 @@ def remove_tree(location: Location, path: str) -> None:
 
 @contextlib.contextmanager
 def unavailable_reported() -> Iterator[None]:
-    """Turn a Spark job that failed because its tasks found the store unreachable into one StorageUnavailable line
-    (Spark reports a task's exception as text: the worker's traceback inside a JVM stack trace)."""
+    """Re-raise, as its one line, an error of _REPORTED_FROM_TASKS that failed a Spark job's tasks (the store
+    unreachable, no space left): Spark reports a task's exception only as text inside a JVM stack trace."""
     try:
         yield
     except FruitpipeError:
         raise
     except Exception as exc:
-        found = _UNAVAILABLE_LINE.search(str(exc))
+        found = _TASK_ERROR_LINE.search(str(exc))
         if found is None:
             raise
-        raise StorageUnavailable(found.group(1).strip()) from None
+        error = next(kind for kind in _REPORTED_FROM_TASKS if kind.__name__ == found.group(1))
+        raise error(found.group(2).strip()) from None
