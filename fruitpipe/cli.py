@@ -282,14 +282,19 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fruitpipe.config import DEFAULT_CACHE_DIR
+    from fruitpipe.models import imagenet_classes
     from fruitpipe.models.predict import predict_topk
     from fruitpipe.models.specs import get_spec
-    from fruitpipe.storage import locate, read_bytes
+    from fruitpipe.storage import locate, read_bytes, require_regular_file
 
+    classes = len(imagenet_classes())
+    if args.top > classes:
+        raise FruitpipeError(f"--top must be at most {classes} (the ImageNet classes)")
     images = []
     for image in args.images:
         location = locate(image)
         try:
+            require_regular_file(location, location.path)
             images.append(read_bytes(location, location.path))
         except FileNotFoundError:
             raise FruitpipeError(f"image not found: {image}") from None

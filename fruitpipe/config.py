@@ -27,7 +27,16 @@ MAX_AUTO_SHARD_SIZE = 1024
 MIN_AUTO_SHARDS = 8
 APPLE_CLASSES = ("Apple*",)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fruitpipe")
+DEFAULT_PCA_K = 50
 _SECRET_KEY_PATTERN = re.compile(r"secret|password|token|credential|access[._-]?key|session", re.IGNORECASE)
+# A value shaped like a key or token (20+ letters, digits and base64 signs, with a digit): never echoed in a message.
+_SECRET_VALUE_PATTERN = re.compile(r"^(?=.*\d)[A-Za-z0-9/+=_-]{20,}$")
+# What Spark accepts as a master (SparkSubmit refuses anything else with a Java stack trace).
+_MASTER_PATTERN = re.compile(r"^(local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|yarn|(spark|k8s|mesos)://\S+)$")
+# Spark settings holding a JVM size; a malformed one stops the JVM before fruitpipe could explain it.
+_MEMORY_SETTING = re.compile(r"^spark\.(driver|executor)\.(memory|memoryOverhead)$|^spark\.driver\.maxResultSize$")
+_MEMORY_SIZE = re.compile(r"^\d+([kmgtp]b?|b)?$", re.IGNORECASE)
+_TYPE_NAMES = {int: "an integer", (int, float): "a number", bool: "true or false", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,8 @@ class RunConfig:
     # None: auto_shard_size() of the selected image count.
     shard_size: int | None = None
     threads_per_task: int = 1
-    pca_k: int | None = 50
+    # None: DEFAULT_PCA_K unless pca_variance is given (resolved in __post_init__); giving both is an error.
+    pca_k: int | None = None
     pca_variance: float | None = None
     features_csv: bool = False
     # None: the master spark-submit was given when it started this process, else local[*].
@@ -74,6 +84,11 @@ class RunConfig:
     overwrite: bool = False
     quiet: bool = False
     cache_dir: str = DEFAULT_CACHE_DIR
+
+    def __post_init__(self) -> None:
+        # The default k applies only when no variance target is given, so an explicit k beside one is detectable.
+        if self.pca_k is None and self.pca_variance is None:
+            object.__setattr__(self, "pca_k", DEFAULT_PCA_K)
 
     def selection(self) -> Selection:
         """The mode preset combined with the explicit selection flags (flags win)."""
@@ -88,28 +103,36 @@ class RunConfig:
         if not self.output:
             raise FruitpipeError("no output given: pass the folder or URI to write the run to")
         if self.mode not in MODES:
-            raise FruitpipeError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+            raise FruitpipeError(f"unknown mode {_shown(self.mode)}: choose one of {', '.join(MODES)}")
         if self.split not in SPLITS:
-            raise FruitpipeError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+            raise FruitpipeError(f"unknown split {_shown(self.split)}: choose one of {', '.join(SPLITS)}")
         for name in ("per_class", "limit", "image_size", "batch_size", "shard_size", "threads_per_task"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise FruitpipeError(f"{_flag(name)} must be a positive integer, got {value!r}")
+                raise FruitpipeError(f"{_flag(name)} must be a positive integer, got {_shown(value)}")
         if self.precision not in PRECISIONS:
-            raise FruitpipeError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+            raise FruitpipeError(f"unknown precision {_shown(self.precision)}: choose one of {', '.join(PRECISIONS)}")
         if self.model_file is not None and not self.model_file.strip():
             raise FruitpipeError("--model-file must not be empty: pass the folder `fruitpipe export-model` wrote")
         if self.image_size is not None and self.image_size < 32:
             raise FruitpipeError(f"--image-size must be at least 32 pixels, got {self.image_size}")
         if self.pca_variance is not None:
-            if not isinstance(self.pca_variance, (int, float)) or not 0 < self.pca_variance <= 1:
-                raise FruitpipeError(f"--pca-variance must be in (0, 1], got {self.pca_variance!r}")
-        elif self.pca_k is None or not isinstance(self.pca_k, int) or isinstance(self.pca_k, bool) or self.pca_k < 1:
-            raise FruitpipeError(f"--pca-k must be a positive integer, got {self.pca_k!r}")
-        if not isinstance(self.read_timeout_s, (int, float)) or self.read_timeout_s <= 0:
-            raise FruitpipeError(f"--read-timeout must be a positive number of seconds, got {self.read_timeout_s!r}")
+            if self.pca_k is not None:
+                raise FruitpipeError(f"--pca-k {_shown(self.pca_k)} and --pca-variance {_shown(self.pca_variance)} "
+                                     "both given: keep k components or the fewest reaching the variance, not both")
+            if not _is_number(self.pca_variance) or not 0 < self.pca_variance <= 1:
+                raise FruitpipeError(f"--pca-variance must be in (0, 1], got {_shown(self.pca_variance)}")
+        elif not isinstance(self.pca_k, int) or isinstance(self.pca_k, bool) or self.pca_k < 1:
+            raise FruitpipeError(f"--pca-k must be a positive integer, got {_shown(self.pca_k)}")
+        if not _is_number(self.read_timeout_s) or self.read_timeout_s <= 0:
+            raise FruitpipeError("--read-timeout must be a positive number of seconds, "
+                                 f"got {_shown(self.read_timeout_s)}")
         if self.master is not None and not self.master.strip():
             raise FruitpipeError("--master must not be empty (default: local[*])")
+        if self.master is not None and not _MASTER_PATTERN.match(self.master.strip()):
+            raise FruitpipeError(f"unknown Spark master {_shown(self.master)}: use local[N], spark://host:port, yarn "
+                                 "or k8s://https://host:port")
+        _check_spark_conf(self.spark_conf)
         return self
 
     def fingerprint(self, weights_sha256: str, input_size: int, onnx_sha256: str) -> str:
@@ -137,6 +160,39 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    """A value's type in words, for messages that must not show the value."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple, set)):
+        return "a list"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value),
+                                                                                         type(value).__name__)
+
+
+def _shown(value: object) -> str:
+    """A value as an error message may show it: numbers and short plain strings as they are; a mapping, a list or a
+    string shaped like a key or token only by its type, so no configuration secret is ever echoed."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str) and len(value) <= 200 and not _SECRET_VALUE_PATTERN.match(value.strip()):
+        return repr(value)
+    return f"{_kind(value)} (not shown)"
+
+
+def _check_spark_conf(settings: Mapping[str, Any]) -> None:
+    """Spark settings must be scalars, and JVM sizes well formed (a bad size stops the JVM with Java's own lines)."""
+    for key, value in dict(settings).items():
+        if isinstance(value, (Mapping, list, tuple, set)) or value is None:
+            raise FruitpipeError(f"Spark setting {key} must be a single value, got {_kind(value)}")
+        if _MEMORY_SETTING.match(str(key)) and not _MEMORY_SIZE.match(str(value).strip()):
+            raise FruitpipeError(f"Spark setting {key} must be a size such as 4g or 512m, got {_shown(str(value))}")
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -149,6 +205,12 @@ def load_yaml(path: str | None) -> dict[str, Any]:
             data = yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise FruitpipeError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise FruitpipeError(f"config file {path} is a folder; give a YAML file") from None
+    except OSError as exc:
+        raise FruitpipeError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise FruitpipeError(f"config file {path} is not text (UTF-8 YAML expected)") from None
     except yaml.YAMLError as exc:
         raise FruitpipeError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -193,6 +255,7 @@ def absolute_if_local(location: str) -> str:
 
 
 def _check_types(values: Mapping[str, Any]) -> None:
+    """Refuse a value of the wrong type by naming the types only: the value may be a mapping holding secrets."""
     expected = {"batch_size": int, "shard_size": int, "threads_per_task": int, "per_class": int, "limit": int,
                 "image_size": int, "pca_k": int, "pca_variance": (int, float), "read_timeout_s": (int, float),
                 "features_csv": bool, "overwrite": bool, "quiet": bool, "source": str, "output": str,
@@ -204,7 +267,8 @@ def _check_types(values: Mapping[str, Any]) -> None:
             continue
         wrong_bool = isinstance(value, bool) and kind in (int, (int, float))
         if wrong_bool or not isinstance(value, kind):
-            raise FruitpipeError(f"option {key} has the wrong type: {value!r}")
+            raise FruitpipeError(f"option {key} has the wrong type: must be {_TYPE_NAMES[kind]}, "
+                                 f"got {_kind(value)}")
 
 
 def parse_spark_conf(pairs: list[str] | None) -> dict[str, str]:
@@ -213,6 +277,6 @@ def parse_spark_conf(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise FruitpipeError(f"--spark-conf expects key=value, got {pair!r}")
+            raise FruitpipeError(f"--spark-conf expects key=value, got {_shown(pair)}")
         result[key.strip()] = value.strip()
     return result
