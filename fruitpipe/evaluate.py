@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from fruitpipe import sinks
 from fruitpipe.config import RunConfig
@@ -88,7 +89,11 @@ class _Scored:
 
 
 def _labelled_matrix(run_dir: str, directory: str, column: str) -> tuple[np.ndarray, list[str]]:
-    table = sinks.read_dataset(locate(run_dir), directory, columns=["label", column])
+    try:
+        table = sinks.read_dataset(locate(run_dir), directory, columns=["label", column])
+    except (OSError, pa.ArrowException) as exc:
+        raise FruitpipeError(f"cannot read {run_dir.rstrip('/')}/{directory} (a torn or missing Parquet part: "
+                             f"{str(exc).strip().splitlines()[0]}); run the command that wrote it again") from None
     return sinks.vectors_matrix(table, column), table.column("label").to_pylist()
 
 
