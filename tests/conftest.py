@@ -1,4 +1,5 @@
-"""Shared fixtures: a generated demo dataset, one Spark session for the whole test run, one finished run."""
+"""Shared fixtures: a generated demo dataset, one Spark session for the whole test run, one finished run, and a
+moto S3 server per test module with the test process pointed at it."""
 
 from __future__ import annotations
 
@@ -46,3 +47,22 @@ def finished_run(demo_root, spark, cache_dir, tmp_path_factory):
     config = build_config({}, {"source": str(demo_root), "output": str(output), "pca_k": 10, "shard_size": 20,
                                "cache_dir": cache_dir, "quiet": True, "features_csv": True})
     return run(config)
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto server on loopback for the module's tests (they keep apart by bucket name)."""
+    from tests.support.moto_server import MotoServer
+
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_process_env(moto, monkeypatch) -> None:
+    """This test process pointed at `moto` the way a user's shell would be (for in-process storage and CLI calls)."""
+    from tests.support.s3 import s3_environment
+
+    for name, value in s3_environment(moto).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)

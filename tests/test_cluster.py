@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from tests.support.spark_cluster import HOST, SparkCluster
-from tests.test_s3 import assert_pca_equal, vectors
+from tests.support.compare import assert_pca_equal, vectors
 
 pytestmark = pytest.mark.cluster
 

@@ -31,7 +31,8 @@ from fruitpipe.cloud import bootstrap, specs
 from fruitpipe.cloud.config import load_emr_config
 from tests.support.moto_server import MotoServer
 from tests.support.venvs import cached_venv
-from tests.test_s3 import assert_pca_equal, create_bucket, upload_tree, vectors
+from tests.support.compare import assert_pca_equal, vectors
+from tests.support.s3 import create_bucket, upload_tree
 
 pytestmark = [pytest.mark.emr_node, pytest.mark.s3, pytest.mark.spark]
 

@@ -30,8 +30,9 @@ import numpy as np
 import pytest
 
 from tests.support.moto_server import MotoServer
-from tests.test_s3 import BUCKET, create_bucket, object_keys, read_object, read_parquet_dir, s3_environment, vectors
-from tests.test_s3_faults import FaultyProxy
+from tests.support.compare import vectors
+from tests.support.proxy import FaultyProxy
+from tests.support.s3 import BUCKET, create_bucket, object_keys, read_object, read_parquet_dir, s3_environment
 
 pytestmark = [pytest.mark.s3, pytest.mark.spark]
 

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,45 +22,16 @@ from fruitpipe import pipeline
 from fruitpipe.cli import main
 from fruitpipe.config import build_config
 from fruitpipe.pipeline import run
+from tests.support.processes import blocked_opening_a_fifo as _blocked_opening_a_fifo
+from tests.support.processes import cli as _cli
+from tests.support.processes import session_members as _session_members
+from tests.support.processes import snapshot as _snapshot
+from tests.support.processes import wait_until as _wait_until
 
 pytestmark = pytest.mark.spark
 
 KILL_SETTINGS = ["--image-size", "96", "--pca-k", "5", "--shard-size", "16", "--batch-size", "8"]
 SHARDS = 15  # 240 images in shards of 16
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fruitpipe.cli", *args]
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live processes of session `sid`: the driver, its JVM, and PySpark's daemons and workers, which leave the
-    driver's process group (setpgid) but not its session. Zombies run nothing and are left out."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            state, _, _, session = stat[stat.rindex(")") + 2:].split()[:4]
-            if int(session) == sid and state != "Z":
-                members.append(int(entry))
-    return members
-
-
-def _wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout_s:g} s waiting for {what}")
-        time.sleep(poll_s)
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 def _done_shards(out: Path) -> int:
@@ -179,30 +149,6 @@ def test_driver_killed_five_times_then_resumed_equals_an_uninterrupted_run(kill_
                                     seed=5)
     assert done_at_kill == sorted(done_at_kill) and done_at_kill[0] < done_at_kill[-1] == SHARDS, done_at_kill
     _assert_same_as_uninterrupted(out, uninterrupted)
-
-
-def _blocked_opening_a_fifo(fifo: Path, timeout_s: float) -> int:
-    """The one process below this one with a thread waiting in the kernel for the FIFO's other end.
-
-    `wait_for_partner` in /proc/<pid>/task/<tid>/wchan is where open() of a FIFO sleeps; this test holds the only
-    FIFO its own descendants open, so that process is the Python worker running the FIFO's shard.
-    """
-    import psutil
-
-    def waiting() -> list[int]:
-        found = []
-        for child in psutil.Process().children(recursive=True):
-            try:
-                tasks = os.listdir(f"/proc/{child.pid}/task")
-                channels = [Path(f"/proc/{child.pid}/task/{tid}/wchan").read_text() for tid in tasks]
-            except OSError:
-                continue
-            if "wait_for_partner" in channels:
-                found.append(child.pid)
-        return found
-
-    _wait_until(lambda: len(waiting()) == 1, timeout_s, f"a worker to block opening {fifo.name}", poll_s=0.2)
-    return waiting()[0]
 
 
 def test_a_python_worker_killed_mid_task_is_retried_by_spark(demo_root, spark, cache_dir, tmp_path, monkeypatch):

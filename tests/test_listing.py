@@ -29,14 +29,7 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import records_digest
 from fruitpipe.inventory import build_inventory
 from fruitpipe.sinks import RUN_MARKER
-
-
-def _bmp(seed: int, side: int = 64) -> bytes:
-    """An uncompressed BMP: every image of one side has the same byte size, whatever its pixels."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "BMP")
-    return buffer.getvalue()
+from tests.support.images import bmp as _bmp
 
 
 def _write(path: Path, data: bytes = b"") -> Path:

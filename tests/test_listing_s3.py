@@ -10,8 +10,8 @@ import pytest
 from fruitpipe import pipeline, storage
 from fruitpipe.dataset import list_split
 from fruitpipe.extract import records_digest
-from tests.test_listing import _bmp
-from tests.test_s3 import create_bucket, moto, s3_process_env  # noqa: F401  (fixtures)
+from tests.support.images import bmp as _bmp
+from tests.support.s3 import create_bucket
 
 pytestmark = pytest.mark.s3
 
@@ -22,7 +22,7 @@ def _listing_digest(source: str) -> str:
     return records_digest(row for rows in shards.values() for row in rows)
 
 
-def test_a_same_size_rewrite_on_s3_changes_the_version_and_the_listing_digest(moto, s3_process_env):  # noqa: F811
+def test_a_same_size_rewrite_on_s3_changes_the_version_and_the_listing_digest(moto, s3_process_env):
     client = create_bucket(moto, "fruitpipe-listing")
     for index in range(3):
         client.put_object(Bucket="fruitpipe-listing", Key=f"src/Training/Apple/{index}.bmp", Body=_bmp(index))

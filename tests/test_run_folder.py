@@ -23,7 +23,11 @@ import fruitpipe
 from fruitpipe import spark as fruitpipe_spark
 from fruitpipe.cli import main
 from fruitpipe.errors import FruitpipeError
-from tests.test_faults import _blocked_opening_a_fifo, _cli, _session_members, _snapshot, _wait_until
+from tests.support.processes import blocked_opening_a_fifo as _blocked_opening_a_fifo
+from tests.support.processes import cli as _cli
+from tests.support.processes import session_members as _session_members
+from tests.support.processes import snapshot as _snapshot
+from tests.support.processes import wait_until as _wait_until
 
 pytestmark = pytest.mark.spark
 

@@ -13,9 +13,8 @@ import fruitpipe
 from fruitpipe.cli import main
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.run_folder import RunFolder, refuse_nested
-from tests.test_faults import _wait_until
-from tests.test_s3 import (create_bucket, fruitpipe_command, moto, object_keys, read_object,  # noqa: F401  (fixtures)
-                           s3_environment, s3_process_env, upload_tree)
+from tests.support.processes import wait_until as _wait_until
+from tests.support.s3 import create_bucket, fruitpipe_command, object_keys, read_object, s3_environment, upload_tree
 
 pytestmark = pytest.mark.s3
 
@@ -24,7 +23,7 @@ SETTINGS = ["--image-size", "96", "--pca-k", "3", "--shard-size", "8", "--quiet"
 
 
 @pytest.fixture(scope="module")
-def bucket(moto, demo_root):  # noqa: F811
+def bucket(moto, demo_root):
     """The demo dataset under s3://BUCKET/demo."""
     client = create_bucket(moto, BUCKET)
     upload_tree(client, demo_root, BUCKET, "demo")
@@ -77,7 +76,7 @@ def test_the_lease_on_s3_beats_refuses_a_second_claim_and_is_gone_after_the_comm
     assert json.loads(read_object(bucket, BUCKET, "leases/beating/manifest.json")) == {"pca_k": 1}
 
 
-def test_a_run_on_s3_is_refused_by_a_fresh_lease_and_takes_over_a_stale_one(moto, bucket, cache_dir):  # noqa: F811
+def test_a_run_on_s3_is_refused_by_a_fresh_lease_and_takes_over_a_stale_one(moto, bucket, cache_dir):
     prefix = "runs/leased"
     now = time.time()
     lease = {"run_id": "0" * 32, "host": "elsewhere.example", "pid": 4242, "started_unix": now - 600,

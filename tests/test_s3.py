@@ -7,7 +7,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,84 +14,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from fruitpipe import storage
 from fruitpipe.cli import main
 from fruitpipe.inventory import build_inventory
-from tests.support.moto_server import MotoServer
+from tests.support.compare import assert_pca_equal, vectors
+from tests.support.s3 import (ACCESS_KEY, BUCKET, SECRET_KEY, create_bucket, fruitpipe_command, object_keys,
+                              read_object, read_parquet_dir, s3_environment, upload_tree)
 
 pytestmark = [pytest.mark.s3, pytest.mark.spark]
 
-BUCKET = "fruitpipe-test"
-# Recognisable dummies: a test greps every output object and every captured line for them.
-ACCESS_KEY = "AKIAFRUITPIPE7TEST42"
-SECRET_KEY = "fruitpipeTestSecret/4f8e+Zq93kLm0Wx"
 RUN_DIRECTORIES = ("features", "pca", "metadata", "errors", "_shards")
-
-
-def s3_environment(moto: MotoServer, **overrides: str) -> dict[str, str]:
-    """The process environment pointed at `moto` through the standard AWS variables only, without Spark's Python
-    settings, so a `fruitpipe` subprocess resolves both exactly as a user's shell would."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("AWS_") and key not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
-    env.update(moto.env(access_key=ACCESS_KEY, secret_key=SECRET_KEY))
-    env.update(overrides)
-    return env
-
-
-def create_bucket(moto: MotoServer, bucket: str = BUCKET) -> Any:
-    client = moto.client("s3")
-    client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-    return client
-
-
-def upload_tree(client: Any, root: Path, bucket: str, prefix: str) -> int:
-    """Every file under `root` as `prefix/<relative path>`, uploaded concurrently; returns the file count."""
-    files = [path for path in sorted(root.rglob("*")) if path.is_file()]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda path: client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(root).as_posix()}",
-                                                     Body=path.read_bytes()), files))
-    return len(files)
-
-
-def object_keys(client: Any, bucket: str, prefix: str) -> list[str]:
-    keys = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
-        keys.extend(item["Key"] for item in page.get("Contents", []))
-    return sorted(keys)
-
-
-def read_object(client: Any, bucket: str, key: str) -> bytes:
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def read_parquet_dir(client: Any, bucket: str, prefix: str) -> pd.DataFrame:
-    keys = [key for key in object_keys(client, bucket, prefix) if key.endswith(".parquet")]
-    return pa.concat_tables([pq.read_table(io.BytesIO(read_object(client, bucket, key))) for key in keys]).to_pandas()
-
-
-def fruitpipe_command(arguments: list[str], env: Mapping[str, str], timeout_s: float = 600,
-                      ) -> subprocess.CompletedProcess[str]:
-    """The `fruitpipe` command in a fresh process (its own Spark driver, separate from the tests' session)."""
-    return subprocess.run([sys.executable, "-m", "fruitpipe.cli", *arguments], env=dict(env), capture_output=True,
-                          text=True, timeout=timeout_s)
-
-
-def vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
-    return np.stack(frame[column].to_numpy()).astype(np.float32)
-
-
-def assert_pca_equal(ours: pd.DataFrame, theirs: pd.DataFrame, atol: float) -> None:
-    """Equal PCA rows by image id, each component up to its sign."""
-    ours, theirs = ours.set_index("image_id").sort_index(), theirs.set_index("image_id").sort_index()
-    assert list(ours.index) == list(theirs.index)
-    a, b = vectors(ours, "pca"), vectors(theirs, "pca")
-    signs = np.where(np.sum(a * b, axis=0) < 0, -1.0, 1.0).astype(np.float32)
-    np.testing.assert_allclose(a * signs, b, atol=atol)
 
 
 def assert_no_secret(texts: Mapping[str, bytes | str]) -> None:
@@ -103,12 +37,6 @@ def assert_no_secret(texts: Mapping[str, bytes | str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def moto() -> MotoServer:
-    with MotoServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def s3_demo(moto, demo_root) -> Any:
     """The demo dataset under s3://BUCKET/demo, with the zero-byte folder markers an S3 console creates."""
     client = create_bucket(moto)
@@ -116,14 +44,6 @@ def s3_demo(moto, demo_root) -> Any:
     for marker in ("demo/", "demo/Training/", "demo/Training/" + sorted(os.listdir(demo_root / "Training"))[0] + "/"):
         client.put_object(Bucket=BUCKET, Key=marker, Body=b"")
     return client
-
-
-@pytest.fixture
-def s3_process_env(moto, monkeypatch) -> None:
-    """This test process pointed at `moto` the way a user's shell would be (for in-process storage and CLI calls)."""
-    for name, value in s3_environment(moto).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,20 @@
+"""Comparing feature and PCA rows of two runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A list-valued column (`features`, `pca`) as one float32 matrix, a row per frame row."""
+    return np.stack(frame[column].to_numpy()).astype(np.float32)
+
+
+def assert_pca_equal(ours: pd.DataFrame, theirs: pd.DataFrame, atol: float) -> None:
+    """Equal PCA rows by image id, each component up to its sign."""
+    ours, theirs = ours.set_index("image_id").sort_index(), theirs.set_index("image_id").sort_index()
+    assert list(ours.index) == list(theirs.index)
+    a, b = vectors(ours, "pca"), vectors(theirs, "pca")
+    signs = np.where(np.sum(a * b, axis=0) < 0, -1.0, 1.0).astype(np.float32)
+    np.testing.assert_allclose(a * signs, b, atol=atol)
