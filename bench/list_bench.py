@@ -2,7 +2,7 @@
 """How long fruitpipe's driver takes to list a Fruits-360-sized S3 prefix, and how that compares with a FULL run.
 
 One invocation, one machine:
-  1. a moto S3 server on loopback (tests/support/moto_server.py), with dummy credentials;
+  1. a moto S3 server on loopback (bench/s3_server.py), with dummy credentials;
   2. N small objects laid out like Fruits-360 (`fruits/Training/<class>/<n>_100.jpg`), uploaded concurrently;
      the bodies are a few bytes, because only the listing is measured, never the reading;
   3. the listing exactly as `fruitpipe run SRC OUT --mode full` does it on the driver (the run's `list` phase:
@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.run_bench import machine  # noqa: E402
+from bench.s3_server import MotoS3  # noqa: E402
 from fruitpipe.config import build_config  # noqa: E402
 from fruitpipe.dataset import list_split, select  # noqa: E402
 from fruitpipe.demo_data import FRUITS_360_CLASSES  # noqa: E402
-from tests.support.moto_server import MotoServer  # noqa: E402
 
 FULL_KEYS = 67_692
 FULL_CLASSES = 131
@@ -91,7 +91,7 @@ def layout(keys: int, classes: int) -> list[str]:
             for index, name in enumerate(names) for n in range(per_class + (index < extra))]
 
 
-def upload(moto: MotoServer, keys: list[str]) -> float:
+def upload(moto: MotoS3, keys: list[str]) -> float:
     """Create the bucket and put every key concurrently; returns the seconds spent (reported apart from listing)."""
     client = moto.client("s3")
     client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
@@ -126,14 +126,14 @@ def list_like_a_run(source: str) -> Listing:
     return Listing(seconds, cpu_seconds, len(listing.images), len(images), len(listing.other_files), counter.pages)
 
 
-def point_at(moto: MotoServer) -> None:
+def point_at(moto: MotoS3) -> None:
     """This process's AWS settings pointed at moto with dummy credentials, as a user's shell would set them."""
     os.environ.pop("AWS_PROFILE", None)
     os.environ.update(moto.env())
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> NoReturn:
-    """SIGTERM unwinds like Ctrl-C, so the `with MotoServer()` block still stops the server."""
+    """SIGTERM unwinds like Ctrl-C, so the `with MotoS3()` block still stops the server."""
     raise SystemExit(128 + signum)
 
 
@@ -153,7 +153,7 @@ def main() -> int:
           flush=True)
     keys = layout(args.keys, args.classes)
     source = f"s3://{BUCKET}/{PREFIX}"
-    with MotoServer() as moto:
+    with MotoS3() as moto:
         print(f"moto S3 on {moto.url}; uploading {len(keys):,} objects in {args.classes} classes "
               f"({UPLOAD_THREADS} threads)", flush=True)
         upload_s = upload(moto, keys)
