@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fruitpipe.config import PRECISIONS, RUNTIMES
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra, optional_module
 
@@ -66,6 +67,9 @@ def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
                             "at least 8 shards)")
     group.add_argument("--read-timeout", type=float, dest="read_timeout_s", metavar="SECONDS",
                        help="give up on one image after this long reading + decoding (default 60)")
+    group.add_argument("--read-attempts", type=_positive_int, metavar="N",
+                       help="times an image whose load timed out is tried before the run leaves it for the next "
+                            "run of the same command, which retries it (default 3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="feature model (default efficientnet_lite0; see `fruitpipe models`)")
     model.add_argument("--weights", help="weights file or URI (mobilenet_v2), or 'random' for speed tests")
     model.add_argument("--image-size", type=_positive_int, metavar="PX", help="input side (default: the model's)")
-    model.add_argument("--precision", choices=["fp32", "int8"],
-                       help="int8: ONNX Runtime static quantization calibrated on 64 of the run's images; "
-                            "1.8x the fp32 inference speed on 2 AVX-512 VNNI cores (BENCHMARKS.md), features "
-                            "close to fp32 (default fp32)")
+    model.add_argument("--precision", choices=PRECISIONS,
+                       help="fp32 (default: the same features on every machine within 1e-4); bf16: the fp32 model "
+                            "run in bf16 by OpenVINO, on CPUs with native bf16 (AVX512-BF16, AMX); int8: static "
+                            "quantization calibrated on 64 of the run's images. Speed and quality: BENCHMARKS.md")
+    model.add_argument("--runtime", choices=RUNTIMES,
+                       help="auto (default): the fastest installed runtime for the model and precision on this "
+                            "CPU, measured once and cached; or onnxruntime, openvino")
     model.add_argument("--pca-k", type=_positive_int, metavar="K", help="PCA components to keep (default 50)")
     model.add_argument("--pca-variance", type=float, metavar="FRACTION",
                        help="keep the fewest components reaching this explained variance, e.g. 0.95")
@@ -186,7 +193,7 @@ def _run_config(args: argparse.Namespace, **fixed):
     file_values = load_yaml(args.config)
     names = ("source", "output", "mode", "classes", "per_class", "limit", "split", "model", "weights", "image_size",
              "precision", "model_file", "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
-             "threads_per_task", "batch_size", "shard_size", "read_timeout_s")
+             "threads_per_task", "batch_size", "shard_size", "read_timeout_s", "read_attempts", "runtime")
     overrides = {name: getattr(args, name, None) for name in names}
     if getattr(args, "spark_conf", None):
         overrides["spark_conf"] = {**dict(file_values.get("spark_conf") or {}), **parse_spark_conf(args.spark_conf)}

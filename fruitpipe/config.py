@@ -20,7 +20,12 @@ import yaml
 from fruitpipe.errors import FruitpipeError
 
 MODES = ("mini", "apples", "full")
-PRECISIONS = ("fp32", "int8")
+# What a run computes in: bf16 is an fp32 model run in bf16 (OpenVINO, CPUs with native bf16), int8 a quantized one.
+PRECISIONS = ("fp32", "bf16", "int8")
+# What a model graph (an artifact) holds.
+MODEL_PRECISIONS = ("fp32", "int8")
+AUTO_RUNTIME = "auto"
+RUNTIMES = (AUTO_RUNTIME, "onnxruntime", "openvino")
 SPLITS = ("Training", "Test")
 MINI_IMAGES = 300
 MAX_AUTO_SHARD_SIZE = 1024
@@ -64,6 +69,8 @@ class RunConfig:
     weights: str | None = None
     image_size: int | None = None
     precision: str = "fp32"
+    # auto: the fastest installed runtime for this model and precision on this machine's CPU (fruitpipe.runtimes).
+    runtime: str = AUTO_RUNTIME
     # A model artifact (`fruitpipe export-model`): it decides model, weights, precision and input size, and a run
     # from it needs no torch.
     model_file: str | None = None
@@ -81,6 +88,8 @@ class RunConfig:
     master: str | None = None
     spark_conf: Mapping[str, str] = field(default_factory=dict)
     read_timeout_s: float = 60.0
+    # Loads of an image that time out are tried this many times in all before the image is left for the next run.
+    read_attempts: int = 3
     overwrite: bool = False
     quiet: bool = False
     cache_dir: str = DEFAULT_CACHE_DIR
@@ -106,12 +115,15 @@ class RunConfig:
             raise FruitpipeError(f"unknown mode {_shown(self.mode)}: choose one of {', '.join(MODES)}")
         if self.split not in SPLITS:
             raise FruitpipeError(f"unknown split {_shown(self.split)}: choose one of {', '.join(SPLITS)}")
-        for name in ("per_class", "limit", "image_size", "batch_size", "shard_size", "threads_per_task"):
+        for name in ("per_class", "limit", "image_size", "batch_size", "shard_size", "threads_per_task",
+                     "read_attempts"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise FruitpipeError(f"{_flag(name)} must be a positive integer, got {_shown(value)}")
         if self.precision not in PRECISIONS:
             raise FruitpipeError(f"unknown precision {_shown(self.precision)}: choose one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise FruitpipeError(f"unknown runtime {_shown(self.runtime)}: choose one of {', '.join(RUNTIMES)}")
         if self.model_file is not None and not self.model_file.strip():
             raise FruitpipeError("--model-file must not be empty: pass the folder `fruitpipe export-model` wrote")
         if self.image_size is not None and self.image_size < 32:
@@ -135,16 +147,17 @@ class RunConfig:
         _check_spark_conf(self.spark_conf)
         return self
 
-    def fingerprint(self, weights_sha256: str, input_size: int, onnx_sha256: str) -> str:
+    def fingerprint(self, weights_sha256: str, input_size: int, onnx_sha256: str, runtime: str) -> str:
         """What the stored features depend on: a different value means an existing OUT cannot be resumed.
 
         The ONNX bytes count, not where they came from: a run from an artifact and a run exporting the same
-        bytes resume each other.
+        bytes resume each other. So do the runtime that computes them (resolved, never "auto") and the precision:
+        a run's features never mix runtimes or precisions.
         """
         selection = dataclasses.asdict(self.selection())
         identity = {"source": self.source.rstrip("/"), "selection": selection, "model": self.model,
                     "weights_sha256": weights_sha256, "input_size": input_size, "shard_size": self.shard_size,
-                    "precision": self.precision, "onnx_sha256": onnx_sha256}
+                    "precision": self.precision, "onnx_sha256": onnx_sha256, "runtime": runtime}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_public_dict(self) -> dict[str, Any]:
@@ -258,6 +271,7 @@ def _check_types(values: Mapping[str, Any]) -> None:
     """Refuse a value of the wrong type by naming the types only: the value may be a mapping holding secrets."""
     expected = {"batch_size": int, "shard_size": int, "threads_per_task": int, "per_class": int, "limit": int,
                 "image_size": int, "pca_k": int, "pca_variance": (int, float), "read_timeout_s": (int, float),
+                "read_attempts": int, "runtime": str,
                 "features_csv": bool, "overwrite": bool, "quiet": bool, "source": str, "output": str,
                 "mode": str, "split": str, "model": str, "weights": str, "precision": str, "model_file": str, "master": str,
                 "cache_dir": str}

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from fruitpipe import sinks
 from fruitpipe.images import ImageDecodeError, Preprocessing, image_size, preprocess
-from fruitpipe.inference import extract_features, session_for
+from fruitpipe.inference import extract_features, runtime_for
 from fruitpipe.prefetch import Job, Loaded, prefetched
 from fruitpipe.storage import (Location, StorageUnavailable, list_names, locate, read_bytes, remove_tree,
                                with_retries)
@@ -56,6 +56,9 @@ class ExtractionSettings:
     threads: int
     read_timeout_s: float
     read_attempts: int = 3
+    # The run's precision and its runtime, resolved on the driver (never "auto"): every shard computes alike.
+    precision: str = "fp32"
+    runtime: str = "onnxruntime"
     io_threads: int = 4
 
 
@@ -122,7 +125,8 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
     wall_started = time.perf_counter()
     timer = ShardTimer()
     source, out = locate(settings.source), locate(settings.output)
-    session = session_for(settings.model_key, load_model_bytes, settings.threads)
+    runtime = runtime_for(settings.model_key, load_model_bytes, settings.threads, precision=settings.precision,
+                          runtime=settings.runtime, batch_size=settings.batch_size)
     ok_rows: list[dict] = []
     ok_vectors: list[np.ndarray] = []
     outcomes: dict[str, Loaded] = {}
@@ -133,7 +137,7 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
             return
         started = time.perf_counter()
         try:
-            vectors = extract_features(session, np.stack([tensor for _, tensor in batch]))
+            vectors = extract_features(runtime, np.stack([tensor for _, tensor in batch]))
         except Exception as exc:
             for record, _ in batch:
                 loaded = outcomes[record["image_id"]]
@@ -189,6 +193,7 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
         "images_sha256": records_digest(records),
         "task_attempt": _task_attempt(),
         "seconds": timer.seconds(),
+        "runtime": runtime.info(),
         "executor": executor_identity(),
         "finished_at": time.time(),
     }

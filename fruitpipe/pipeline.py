@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from fruitpipe import __version__, sinks
+from fruitpipe import __version__, runtimes, sinks
 from fruitpipe.config import RunConfig, auto_shard_size
 from fruitpipe.dataset import ImageRecord, UnlistedFile, label_indices, list_split, select
 from fruitpipe.errors import FruitpipeError
@@ -102,8 +102,8 @@ def transform(run_dir: str, config: RunConfig) -> RunResult:
     refuse_nested(config.source, config.output)
     artifact, onnx = stored_artifact(run_dir)
     pca_model = load_pca_model(run_dir)
-    config = dataclasses.replace(config, model=artifact.name, precision=artifact.precision,
-                                 image_size=artifact.input_size).validate()
+    computed = _computed_with(run_dir, artifact)
+    config = dataclasses.replace(config, model=artifact.name, image_size=artifact.input_size, **computed).validate()
     with RunFolder(config.output) as folder:
         return _execute(config, artifact, onnx, pca_model, started, {"model_export": 0.0}, folder)
 
@@ -113,7 +113,8 @@ def _export_for_run(config: RunConfig) -> tuple[ModelArtifact, bytes]:
     from fruitpipe.quantize import CALIBRATION_IMAGES, calibration_images
 
     try:
-        return build_artifact(config.model, config.weights, image_size=config.image_size, precision=config.precision,
+        return build_artifact(config.model, config.weights, image_size=config.image_size,
+                              precision=_model_precision(config.precision),
                               calibration_images=lambda: calibration_images(config.source, config.selection()),
                               calibration=f"{CALIBRATION_IMAGES} images of the run's selection of {config.source}",
                               cache_dir=config.cache_dir)
@@ -121,12 +122,28 @@ def _export_for_run(config: RunConfig) -> tuple[ModelArtifact, bytes]:
         raise exc.instead(USE_AN_ARTIFACT) from None
 
 
+def _model_precision(precision: str) -> str:
+    """The precision of the graph a run computes in `precision` with: bf16 runs an fp32 graph in bf16."""
+    return "int8" if precision == "int8" else "fp32"
+
+
+def _computed_with(run_dir: str, artifact: ModelArtifact) -> dict[str, str]:
+    """The precision and runtime a finished run computed its features with, so new images get the same."""
+    info = sinks.read_json(locate(run_dir), f"{sinks.MODEL_INFO}/model_info.json")
+    runtime = info.get("runtime", {}).get("runtime", "onnxruntime")
+    return {"precision": info.get("precision", artifact.precision), "runtime": runtime}
+
+
 def _decided_by(artifact: ModelArtifact, config: RunConfig) -> RunConfig:
-    """The config with the artifact's model, precision and input size; an explicit, different value is an error."""
+    """The config with the artifact's model, precision and input size; an explicit, different value is an error.
+
+    An fp32 artifact may run in bf16 (the run's precision stays bf16); an int8 artifact runs in int8.
+    """
     if config.model_file and config.weights is not None:
         raise FruitpipeError(f"--weights has no effect with --model-file: {config.model_file} holds its weights "
                              f"({artifact.weights}); drop --weights")
-    decided = {"model": artifact.name, "precision": artifact.precision, "image_size": artifact.input_size}
+    precision = config.precision if _model_precision(config.precision) == artifact.precision else artifact.precision
+    decided = {"model": artifact.name, "precision": precision, "image_size": artifact.input_size}
     for name, value in decided.items():
         given = getattr(config, name)
         if config.model_file and given not in (_DEFAULTS[name], value):
@@ -166,7 +183,11 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
 
     if fixed_pca is None and config.pca_variance is None:
         _check_k(config.pca_k, artifact.spec.feature_dim, len(images))
-    fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256)
+    phase = time.perf_counter()
+    runtime = runtimes.choose(onnx, config.threads_per_task, config.precision, config.runtime, config.batch_size)
+    seconds["choose_runtime"] = time.perf_counter() - phase
+    fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256,
+                                     runtime.runtime)
     shards = plan_shards(images, config.shard_size)
     planned = {"images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
     _check_output(out, config, fingerprint, planned)
@@ -175,7 +196,9 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
 
     settings = ExtractionSettings(source=config.source, output=config.output,
                                   preprocessing=artifact.preprocessing(), model_key=artifact.onnx_sha256, batch_size=config.batch_size,
-                                  threads=config.threads_per_task, read_timeout_s=config.read_timeout_s)
+                                  threads=config.threads_per_task, read_timeout_s=config.read_timeout_s,
+                                  read_attempts=config.read_attempts, precision=config.precision,
+                                  runtime=runtime.runtime)
     with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
         spark_master = spark.sparkContext.master
         _claim_output(out, config, fingerprint, planned, folder)
@@ -221,7 +244,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
                        spark_master=spark_master, hidden_files_skipped=listing.hidden_files, **counts)
-    _write_documents(out, config, artifact, model, result, stats, fingerprint, folder)
+    _write_documents(out, config, artifact, model, result, stats, fingerprint, runtime, folder)
     return result
 
 
@@ -337,16 +360,16 @@ def _write_csv_copies(out: Location, features_csv: bool) -> None:
 
 def versions() -> dict[str, str]:
     """Versions of what produced the numbers, for model_info and the report."""
-    import onnxruntime
     import pyspark
 
     return {"fruitpipe": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "pandas": pd.__version__, "pyarrow": pa.__version__, "onnxruntime": onnxruntime.__version__,
+            "pandas": pd.__version__, "pyarrow": pa.__version__, **runtimes.runtime_versions(),
             "pyspark": pyspark.__version__, "platform": platform.platform()}
 
 
 def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, model: PcaModel,
-                     result: RunResult, stats: list[dict], fingerprint: str, folder: RunFolder) -> None:
+                     result: RunResult, stats: list[dict], fingerprint: str, runtime: runtimes.Choice,
+                     folder: RunFolder) -> None:
     """model_info, resolved config and, last, the manifest that lists every output and its row count (committed
     through `folder`, which checks that this run still holds OUT)."""
     spec = artifact.spec
@@ -354,7 +377,8 @@ def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, 
               "images_failed": result.images_failed, "images_retryable": result.images_retryable}
     shard_seconds = {phase: sum(s["seconds"][phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
     model_info = {
-        "model": spec.name, "precision": artifact.precision, "weights": artifact.weights,
+        "model": spec.name, "precision": config.precision, "model_precision": artifact.precision,
+        "runtime": dataclasses.asdict(runtime), "weights": artifact.weights,
         "weights_sha256": artifact.weights_sha256, "onnx_sha256": artifact.onnx_sha256,
         "model_file": config.model_file, "image_size": artifact.input_size, "interpolation": spec.interpolation, "mean": list(spec.mean),
         "std": list(spec.std), "feature_dim": result.feature_dim, "pca_k": model.k,

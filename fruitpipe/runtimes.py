@@ -33,13 +33,13 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from fruitpipe.config import AUTO_RUNTIME as AUTO
+from fruitpipe.config import PRECISIONS
+from fruitpipe.config import RUNTIMES as RUNTIME_CHOICES
 from fruitpipe.errors import FruitpipeError
 
-ONNXRUNTIME = "onnxruntime"
-OPENVINO = "openvino"
-AUTO = "auto"
+ONNXRUNTIME, OPENVINO = (name for name in RUNTIME_CHOICES if name != AUTO)
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
-PRECISIONS = ("fp32", "bf16", "int8")
 INPUT_NAME = "images"
 FEATURES_OUTPUT = "features"
 # Idle intra-op threads busy-wait by default; inside a Spark task they would take CPU from the decode threads
@@ -181,13 +181,28 @@ def load(model_bytes: bytes, threads: int, precision: str = "fp32", runtime: str
     return _build(runtime, model_bytes, threads, precision, tasks_per_node, Choice(runtime, "asked"))
 
 
+def choose(model_bytes: bytes, threads: int, precision: str, runtime: str, batch_size: int = PROBE_BATCH) -> Choice:
+    """The runtime a run uses, decided once on the driver so its features never mix runtimes: `runtime` itself when
+    named (checked to be installed and able to run `precision` here), or auto's choice on this machine's CPU.
+
+    auto's probe results are kept in the machine's fruitpipe cache, not a run's --cache-dir: a CPU's fastest runtime
+    is a fact about the machine, and every run on it then makes the same choice.
+    """
+    if runtime == AUTO:
+        return load(model_bytes, threads, precision, AUTO, batch_size=batch_size).choice
+    if runtime not in candidates(precision):
+        what = "is not installed" if runtime == OPENVINO and not _openvino_installed() else f"cannot run {precision}"
+        raise FruitpipeError(f"--runtime {runtime} {what} here; use --runtime auto or another --precision")
+    return Choice(runtime, "asked")
+
+
 def _build(runtime: str, model_bytes: bytes, threads: int, precision: str, tasks_per_node: int | None,
            choice: Choice) -> Runtime:
     if runtime == ONNXRUNTIME:
         return OnnxRuntimeCPU(model_bytes, threads, precision, choice=choice)
     if runtime == OPENVINO:
         return OpenVinoCPU(model_bytes, threads, precision, tasks_per_node, choice=choice)
-    raise FruitpipeError(f"unknown runtime {runtime!r}: choose one of {', '.join((*RUNTIMES, AUTO))}")
+    raise FruitpipeError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
 
 
 def candidates(precision: str) -> list[str]:

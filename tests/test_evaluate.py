@@ -92,7 +92,7 @@ def test_cli_evaluate_prints_accuracies_far_above_chance_and_pca_close_to_raw(ev
 def test_evaluate_refuses_a_folder_that_is_not_a_run(capsys, demo_root, tmp_path):
     assert main(["evaluate", str(tmp_path), "--test", str(demo_root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not a finished fruitpipe run" in err
+    assert len(err.splitlines()) == 1 and "is not a fruitpipe run folder" in err
 
 
 def test_import_fruitpipe_stays_light():

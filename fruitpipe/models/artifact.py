@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fruitpipe import __version__
-from fruitpipe.config import DEFAULT_CACHE_DIR, PRECISIONS, Selection
+from fruitpipe.config import DEFAULT_CACHE_DIR, MODEL_PRECISIONS, Selection
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import Preprocessing
 from fruitpipe.models.specs import ModelSpec, get_spec
@@ -65,7 +65,7 @@ class ModelArtifact:
         spec_fields = dict(data["spec"])
         spec_fields["mean"], spec_fields["std"] = tuple(spec_fields["mean"]), tuple(spec_fields["std"])
         precision = str(data["precision"])
-        if precision not in PRECISIONS:
+        if precision not in MODEL_PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
         return cls(spec=ModelSpec(**spec_fields), input_size=int(data["input_size"]), precision=precision,
                    weights_sha256=str(data["weights_sha256"]), onnx_sha256=str(data["onnx_sha256"]),
@@ -85,8 +85,8 @@ def build_artifact(model: str, weights: str | None, *, image_size: int | None = 
     from fruitpipe.quantize import quantize_int8
 
     spec = get_spec(model)
-    if precision not in PRECISIONS:
-        raise FruitpipeError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in MODEL_PRECISIONS:
+        raise FruitpipeError(f"unknown model precision {precision!r}: choose one of {', '.join(MODEL_PRECISIONS)}")
     exported = export_onnx(spec, weights, cache_dir, image_size)
     path, onnx_sha256 = exported.path, exported.onnx_sha256
     if precision == "int8":
