@@ -15,11 +15,9 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """6 classes x 12 training images (+ test images), Fruits-360 layout."""
-    from fruitpipe.demo_data import generate_demo_dataset
+    from tests.support.images import demo_dataset
 
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(str(root), classes=6, per_class=12, seed=0, workers=2)
-    return root
+    return demo_dataset(tmp_path_factory, "demo", per_class=12, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from fruitpipe import pipeline
 from fruitpipe.cli import main
 from fruitpipe.config import build_config
 from fruitpipe.pipeline import run
+from tests.support.images import demo_dataset
 from tests.support.processes import blocked_opening_a_fifo as _blocked_opening_a_fifo
 from tests.support.processes import cli as _cli
 from tests.support.processes import session_members as _session_members
@@ -41,11 +42,7 @@ def _done_shards(out: Path) -> int:
 @pytest.fixture(scope="module")
 def kill_source(tmp_path_factory) -> Path:
     """6 classes x 40 training images: 15 shards of 16."""
-    from fruitpipe.demo_data import generate_demo_dataset
-
-    root = tmp_path_factory.mktemp("kill-source")
-    generate_demo_dataset(str(root), classes=6, per_class=40, seed=3, workers=2)
-    return root
+    return demo_dataset(tmp_path_factory, "kill-source", per_class=40, seed=3)
 
 
 @pytest.fixture(scope="module")

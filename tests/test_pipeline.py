@@ -14,14 +14,11 @@ from sklearn.decomposition import PCA
 
 from fruitpipe.config import build_config
 from fruitpipe.pipeline import load_pca_model, run, transform
+from tests.support.compare import vectors as _vectors
 
 pytestmark = pytest.mark.spark
 
 PARQUET_OUTPUTS = ("features", "pca", "metadata", "errors")
-
-
-def _vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
-    return np.stack(frame[column].to_numpy()).astype(np.float32)
 
 
 def test_row_counts_agree_across_outputs_and_manifest(finished_run):

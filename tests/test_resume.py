@@ -16,6 +16,7 @@ from fruitpipe.cli import main
 from fruitpipe.config import build_config
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.pipeline import run
+from tests.support.processes import snapshot as _snapshot
 
 pytestmark = pytest.mark.spark
 
@@ -96,10 +97,6 @@ def test_overwrite_starts_afresh(base_run, demo_root, cache_dir, tmp_path):
     result = run(_config(demo_root, out, cache_dir, overwrite=True))
     assert result.shards_resumed == 0 and not stale.exists()
     _assert_same_outputs(result, base_run)
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("flags", [
