@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fruitpipe.version import __version__
 
 if TYPE_CHECKING:
     from fruitpipe.config import RunConfig
-    from fruitpipe.pipeline import RunResult
+    from fruitpipe.run_folder import RunResult
 
 __all__ = ["RunConfig", "RunResult", "__version__", "evaluate_run", "load_run", "run", "transform", "write_report"]
 
-_LAZY_CLASSES = {"RunConfig": "fruitpipe.config", "RunResult": "fruitpipe.pipeline"}
+_LAZY_CLASSES = {"RunConfig": "fruitpipe.config", "RunResult": "fruitpipe.run_folder"}
 
 
 def __getattr__(name: str) -> Any:
@@ -64,23 +64,9 @@ def transform(run_dir: str, config: RunConfig | None = None, /, **options: Any) 
 
 def load_run(run_dir: str) -> RunResult:
     """A finished run's RunResult read back from its folder (local or s3://), loaders included."""
-    from fruitpipe import sinks
-    from fruitpipe.errors import FruitpipeError
-    from fruitpipe.pipeline import RunResult
-    from fruitpipe.run_folder import require_finished
+    from fruitpipe.run_folder import load_run as load
 
-    out = require_finished(run_dir)
-    try:
-        manifest = sinks.read_json(out, sinks.MANIFEST)
-        info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
-    except FileNotFoundError:
-        raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no manifest.json or model_info)") from None
-    return RunResult(output=run_dir, images_listed=manifest["images_listed"], images_ok=manifest["images_ok"],
-                     images_failed=manifest["images_failed"], shards_total=manifest["shards"],
-                     shards_resumed=manifest["shards_resumed"], pca_k=manifest["pca_k"],
-                     variance_kept=info["variance_kept"], seconds=info["seconds"], model=manifest["model"],
-                     feature_dim=info["feature_dim"], executors=info["executors"],
-                     spark_master=info.get("spark_master", ""))
+    return load(run_dir)
 
 
 def evaluate_run(run_dir: str, test_source: str, /, **options: Any) -> dict:

@@ -73,7 +73,7 @@ def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fruitpipe import __version__
+    from fruitpipe.version import __version__
 
     parser = _Parser(prog="fruitpipe", description="Pretrained-CNN features, PCA and clean outputs for "
                                                    "folders of fruit photos, on Apache Spark.")

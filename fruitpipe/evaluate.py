@@ -113,7 +113,7 @@ def _score(run_dir: str, test_dir: str, directory: str, column: str) -> _Scored:
 
 def evaluate(run_dir: str, config: RunConfig) -> dict:
     """Extract the held-out images of `config` with the run's model, score them, write evaluation.json."""
-    from fruitpipe import load_run
+    from fruitpipe.run_folder import load_run
     from fruitpipe.pipeline import transform
 
     started = time.perf_counter()

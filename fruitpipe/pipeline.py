@@ -12,14 +12,13 @@ import fnmatch
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
 
-from fruitpipe import __version__, runtimes, sinks
+from fruitpipe import runtimes, sinks
 from fruitpipe.config import RunConfig, auto_shard_size
 from fruitpipe.dataset import ImageRecord, UnlistedFile, label_indices, list_split, select
 from fruitpipe.errors import FruitpipeError
@@ -29,60 +28,14 @@ from fruitpipe.models.artifact import ARTIFACT_JSON, ModelArtifact, build_artifa
 from fruitpipe.models.specs import get_spec
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
 from fruitpipe.progress import ExtractionProgress
-from fruitpipe.run_folder import RunFolder, check_not_held, refuse_nested, require_finished
+from fruitpipe.run_folder import RunFolder, RunResult, check_not_held, refuse_nested, require_finished
 from fruitpipe.storage import (Location, exists, list_names, locate, read_bytes, remove_tree, unavailable_reported,
                                write_bytes)
+from fruitpipe.version import __version__
 
 # What `run` tells a user whose machine cannot export a model (no torch: an executor or EMR node).
 USE_AN_ARTIFACT = "pass --model-file ARTIFACT made by `fruitpipe export-model`"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-
-@dataclass
-class RunResult:
-    """What a run produced: where, how many, how much variance, how long; loaders for notebooks."""
-
-    output: str
-    images_listed: int
-    images_ok: int
-    images_failed: int
-    shards_total: int
-    shards_resumed: int
-    pca_k: int
-    variance_kept: float
-    seconds: dict[str, float]
-    model: str
-    feature_dim: int
-    executors: list[str] = field(default_factory=list)
-    spark_master: str = ""
-    hidden_files_skipped: int = 0
-    # Images whose loads timed out on every attempt: not a verdict on them; the next run of the command retries them.
-    images_retryable: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        total = self.seconds.get("total", 0.0)
-        return self.images_listed / total if total > 0 else 0.0
-
-    def _table(self, directory: str) -> pa.Table:
-        return sinks.read_dataset(require_finished(self.output), directory)
-
-    def features(self) -> pd.DataFrame:
-        """Features as pandas: key columns and a `features` column of float32 arrays."""
-        return self._table(sinks.FEATURES).to_pandas()
-
-    def pca(self) -> pd.DataFrame:
-        return self._table(sinks.PCA).to_pandas()
-
-    def metadata(self) -> pd.DataFrame:
-        return self._table(sinks.METADATA).to_pandas()
-
-    def errors(self) -> pd.DataFrame:
-        return self._table(sinks.ERRORS).to_pandas()
-
-    def arrow(self, directory: str) -> pa.Table:
-        """Any output folder (features, pca, metadata, errors) as an Arrow table."""
-        return self._table(directory)
-
 
 def run(config: RunConfig) -> RunResult:
     """Run the whole pipeline for `config` and return what it produced."""

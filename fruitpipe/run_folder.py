@@ -22,13 +22,18 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fruitpipe import sinks
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import Location, exists, locate, remove_tree, seconds_from_env
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 IN_PROGRESS = "in_progress"
 FINISHED = "finished"
@@ -270,3 +275,68 @@ class RunFolder:
                     self._write_marker()
                 except (OSError, FruitpipeError):
                     pass  # a storage hiccup: the next beat tries again, well before the lease goes stale
+
+
+@dataclass
+class RunResult:
+    """What a run produced: where, how many, how much variance, how long; loaders for notebooks."""
+
+    output: str
+    images_listed: int
+    images_ok: int
+    images_failed: int
+    shards_total: int
+    shards_resumed: int
+    pca_k: int
+    variance_kept: float
+    seconds: dict[str, float]
+    model: str
+    feature_dim: int
+    executors: list[str] = field(default_factory=list)
+    spark_master: str = ""
+    hidden_files_skipped: int = 0
+    # Images whose loads timed out on every attempt: not a verdict on them; the next run of the command retries them.
+    images_retryable: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        total = self.seconds.get("total", 0.0)
+        return self.images_listed / total if total > 0 else 0.0
+
+    def _table(self, directory: str) -> pa.Table:
+        return sinks.read_dataset(require_finished(self.output), directory)
+
+    def features(self) -> pd.DataFrame:
+        """Features as pandas: key columns and a `features` column of float32 arrays."""
+        return self._table(sinks.FEATURES).to_pandas()
+
+    def pca(self) -> pd.DataFrame:
+        return self._table(sinks.PCA).to_pandas()
+
+    def metadata(self) -> pd.DataFrame:
+        return self._table(sinks.METADATA).to_pandas()
+
+    def errors(self) -> pd.DataFrame:
+        return self._table(sinks.ERRORS).to_pandas()
+
+    def arrow(self, directory: str) -> pa.Table:
+        """Any output folder (features, pca, metadata, errors) as an Arrow table."""
+        return self._table(directory)
+
+
+def load_run(run_dir: str) -> RunResult:
+    """A finished run's RunResult read back from its folder (local or s3://), loaders included."""
+    out = require_finished(run_dir)
+    try:
+        manifest = sinks.read_json(out, sinks.MANIFEST)
+        info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
+    except FileNotFoundError:
+        raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no manifest.json or model_info)") from None
+    return RunResult(output=run_dir, images_listed=manifest["images_listed"], images_ok=manifest["images_ok"],
+                     images_failed=manifest["images_failed"], shards_total=manifest["shards"],
+                     shards_resumed=manifest["shards_resumed"], pca_k=manifest["pca_k"],
+                     variance_kept=info["variance_kept"], seconds=info["seconds"], model=manifest["model"],
+                     feature_dim=info["feature_dim"], executors=info["executors"],
+                     spark_master=info.get("spark_master", ""),
+                     hidden_files_skipped=manifest.get("hidden_files_skipped", 0),
+                     images_retryable=manifest.get("images_retryable", 0))

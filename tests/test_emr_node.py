@@ -60,7 +60,6 @@ def aws(tmp_path_factory, demo_root):
     with MotoServer() as moto:
         client = create_bucket(moto, BUCKET)
         upload_tree(client, demo_root, BUCKET, "fruitpipe/input")
-        config = work / "fruitpipe.yaml"
         yield moto, work
 
 

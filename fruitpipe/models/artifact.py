@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fruitpipe import __version__
 from fruitpipe.config import DEFAULT_CACHE_DIR, MODEL_PRECISIONS, Selection
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import Preprocessing
 from fruitpipe.models.specs import ModelSpec, get_spec
 from fruitpipe.storage import locate, read_bytes, write_bytes
+from fruitpipe.version import __version__
 
 ARTIFACT_ONNX = "feature_extractor.onnx"
 ARTIFACT_JSON = "model.json"

@@ -46,7 +46,7 @@ class RunDocuments:
 
 def load_documents(run_dir: str) -> RunDocuments:
     """Read a finished run's documents and the report's columns of its datasets."""
-    from fruitpipe import load_run
+    from fruitpipe.run_folder import load_run
 
     load_run(run_dir)
     out = locate(run_dir)
