@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from fruitpipe.config import DEFAULT_CACHE_DIR  # noqa: E402
 from fruitpipe.inference import create_session  # noqa: E402
-from fruitpipe.runtimes import FEATURES_OUTPUT, INPUT_NAME  # noqa: E402
+from fruitpipe.models.specs import ONNX_FEATURES as FEATURES_OUTPUT  # noqa: E402
+from fruitpipe.models.specs import ONNX_INPUT as INPUT_NAME  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 SIZE = 224

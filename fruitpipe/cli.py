@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fruitpipe.config import PRECISIONS, RUNTIMES
+from fruitpipe.config import MODES, PRECISIONS, RUNTIMES, SPLITS
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra, optional_module
 
@@ -45,13 +45,13 @@ def _positive_int(text: str) -> int:
 
 def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("which images")
-    group.add_argument("--mode", choices=["mini", "apples", "full"],
+    group.add_argument("--mode", choices=MODES,
                        help="preset: mini = 300 images spread over classes, apples = classes Apple*, full = all "
                             "(default: full)")
     group.add_argument("--classes", nargs="+", metavar="GLOB", help="only classes matching these globs")
     group.add_argument("--per-class", type=_positive_int, metavar="N", help="at most N images per class")
     group.add_argument("--limit", type=_positive_int, metavar="N", help="at most N images, spread over classes")
-    group.add_argument("--split", choices=["Training", "Test"], help="which split folder to read (default Training)")
+    group.add_argument("--split", choices=SPLITS, help="which split folder to read (default Training)")
 
 
 def _add_spark_flags(parser: argparse.ArgumentParser) -> None:

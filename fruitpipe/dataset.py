@@ -11,14 +11,13 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 
-from fruitpipe.config import Selection
+from fruitpipe.config import SPLITS, Selection
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import find_files, locate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-SPLITS = ("Training", "Test")
 
 
 @dataclass(frozen=True)

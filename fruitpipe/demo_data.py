@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 
+from fruitpipe.config import SPLITS
 from fruitpipe.errors import FruitpipeError
 
 SIZE = 100
 JPEG_QUALITY = 95
-SPLITS = ("Training", "Test")
 MARKER = ".fruitpipe-demo.json"
 _FILE_NAME = re.compile(r"(?:r2?_)?\d+_100\.jpg")
 _CHUNK = 64

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import numpy as np
 
 from fruitpipe import runtimes
-from fruitpipe.runtimes import ALLOW_SPINNING, FEATURES_OUTPUT, INPUT_NAME, OnnxRuntimeCPU, Runtime
+from fruitpipe.runtimes import ALLOW_SPINNING, OnnxRuntimeCPU, Runtime
 
-__all__ = ["FEATURES_OUTPUT", "INPUT_NAME", "create_session", "extract_features", "runtime_for", "session_for"]
+__all__ = ["create_session", "extract_features", "runtime_for", "session_for"]
 
 _RUNTIMES: dict[tuple, Runtime] = {}
 

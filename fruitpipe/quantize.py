@@ -28,11 +28,11 @@ import numpy as np
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import needs_extras
 from fruitpipe.images import ImageDecodeError, Preprocessing, preprocess
+from fruitpipe.models.specs import ONNX_INPUT
 
 CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8
 SETTINGS_VERSION = "qdq-u8s8-per-channel-minmax-v1"
-INPUT_NAME = "images"
 
 if TYPE_CHECKING:
     from fruitpipe.config import RunConfig, Selection
@@ -117,7 +117,7 @@ def _quantize(fp32_path: str, tensors: list[np.ndarray], target: Path) -> None:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
+            return None if batch is None else {ONNX_INPUT: batch}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger()

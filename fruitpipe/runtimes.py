@@ -37,11 +37,10 @@ from fruitpipe.config import AUTO_RUNTIME as AUTO
 from fruitpipe.config import PRECISIONS
 from fruitpipe.config import RUNTIMES as RUNTIME_CHOICES
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.models.specs import ONNX_FEATURES, ONNX_INPUT
 
 ONNXRUNTIME, OPENVINO = (name for name in RUNTIME_CHOICES if name != AUTO)
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
-INPUT_NAME = "images"
-FEATURES_OUTPUT = "features"
 # Idle intra-op threads busy-wait by default; inside a Spark task they would take CPU from the decode threads
 # of the same shard and from the other tasks (measured in BENCHMARKS.md), so they sleep instead.
 ALLOW_SPINNING = False
@@ -96,7 +95,7 @@ class OnnxRuntimeCPU:
                                             providers=["CPUExecutionProvider"])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        (features,) = self.session.run([FEATURES_OUTPUT], {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})
+        (features,) = self.session.run([ONNX_FEATURES], {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)})
         return np.asarray(features, dtype=np.float32)
 
     def info(self) -> dict[str, Any]:
@@ -138,7 +137,7 @@ class OpenVinoCPU:
             "ENABLE_CPU_PINNING": self.pinned,
         })
         self.version = ov.get_version()
-        self._output = self.compiled.output(FEATURES_OUTPUT)
+        self._output = self.compiled.output(ONNX_FEATURES)
         self._request = self.compiled.create_infer_request()
 
     def run(self, batch: np.ndarray) -> np.ndarray:

@@ -15,9 +15,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from fruitpipe.config import MODES
 from fruitpipe.errors import FruitpipeError
 
-from . import cost, local, specs
+from . import cost, local
 from .config import DEFAULT_RELEASE, EmrConfig, load_emr_config
 
 # Command-line flags that override settings of the emr: section (flag attribute -> setting).
@@ -93,7 +94,7 @@ SUBCOMMANDS = (
     )),
     Subcommand(("submit",), "add a `fruitpipe run` step to the cluster and print its id", "commands.submit",
                ("dry", "cluster", "waiting"), (
-                   option("--mode", choices=specs.RUN_MODES, default="mini", help="run mode (default mini)"),
+                   option("--mode", choices=MODES, default="mini", help="run mode (default mini)"),
                    option("--input", dest="source", metavar="INPUT",
                           help="s3:// source folder (default: the input prefix)"),
                    option("--output", help="s3:// output folder (default: output prefix / run name)"),

@@ -25,7 +25,6 @@ RUN_CONFIG_NAME = "run.yaml"
 MODEL_FOLDER = "model"
 
 ACTIVE_CLUSTER_STATES = ("STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING", "TERMINATING")
-RUN_MODES = ("mini", "apples", "full")
 
 # Room left on each core node for the YARN application master of a client-mode Spark job.
 _AM_HEADROOM_MB = 1024

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from fruitpipe.extras import needs_extras
 from fruitpipe.models import ModelSpec, build_model
+from fruitpipe.models.specs import ONNX_FEATURES, ONNX_INPUT, ONNX_LOGITS
 from fruitpipe.models.weights import resolve_weights, sha256_file
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("features", "logits")
+OUTPUT_NAMES = (ONNX_FEATURES, ONNX_LOGITS)
 OPSET = 17
 # Part of the cached file's name: bump it when the exported graph changes, so no cache serves an older graph.
 # 2: explicit zero fill in TF padding (ONNX Runtime folds the Pads into the convolutions).
@@ -63,9 +63,9 @@ def _export(spec: ModelSpec, weights_path: str, size: int, target: Path) -> None
                 (torch.zeros(1, 3, size, size),),
                 temp,
                 dynamo=False,
-                input_names=[INPUT_NAME],
+                input_names=[ONNX_INPUT],
                 output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, *OUTPUT_NAMES)},
                 opset_version=OPSET,
             )
         onnx.checker.check_model(temp, full_check=True)

@@ -8,7 +8,8 @@ import onnxruntime as ort
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import ImageDecodeError, preprocess
 from fruitpipe.models import ModelSpec, imagenet_classes
-from fruitpipe.models.export import INPUT_NAME, export_onnx
+from fruitpipe.models.export import export_onnx
+from fruitpipe.models.specs import ONNX_INPUT, ONNX_LOGITS
 
 
 def predict_topk(images: list[bytes], spec: ModelSpec, weights: str | None, cache_dir: str,
@@ -27,7 +28,7 @@ def predict_topk(images: list[bytes], spec: ModelSpec, weights: str | None, cach
     if not tensors:
         return []
     session = ort.InferenceSession(exported.path, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {INPUT_NAME: np.stack(tensors)})
+    (logits,) = session.run([ONNX_LOGITS], {ONNX_INPUT: np.stack(tensors)})
     shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     names = imagenet_classes()

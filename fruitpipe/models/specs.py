@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import Preprocessing
 
+# The ONNX interface of every exported model: input [N, 3, S, S] float32; outputs the pooled features and the
+# ImageNet logits (for `fruitpipe predict`).
+ONNX_INPUT = "images"
+ONNX_FEATURES = "features"
+ONNX_LOGITS = "logits"
 # Five stride-2 stages bring a 32-pixel input down to a single position; smaller inputs are not meaningful.
 MIN_INPUT_SIZE = 32
 
