@@ -45,18 +45,14 @@ class UnlistedFile:
 
 @dataclass(frozen=True)
 class Listing:
-    """What a source holds for one split: the images, the files that cannot be images (with why), the class names,
-    and how many hidden files (name starting with '.') were skipped."""
+    """What a source holds for one split: the images, the files that cannot be images (with why), and how many
+    hidden files (name starting with '.') were skipped."""
 
     source: str
     split: str
     images: list[ImageRecord]
     other_files: list[UnlistedFile]
     hidden_files: int = 0
-
-    @property
-    def classes(self) -> list[str]:
-        return sorted({record.label for record in self.images})
 
 
 def image_id_for(relative_path: str) -> str:

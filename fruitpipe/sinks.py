@@ -46,17 +46,15 @@ PARQUET_MAGIC = b"PAR1"
 # Enough for the footer of any part fruitpipe writes (a few KB), so counting rows is one small read.
 _FOOTER_READ_BYTES = 64 * 1024
 
-KEY_FIELDS = [
+# Which image a row is about: the first columns of every table.
+_IMAGE_FIELDS = [
     pa.field("image_id", pa.string()),
     pa.field("path", pa.string()),
     pa.field("label", pa.string()),
-    pa.field("label_index", pa.int32()),
-    pa.field("split", pa.string()),
 ]
+KEY_FIELDS = [*_IMAGE_FIELDS, pa.field("label_index", pa.int32()), pa.field("split", pa.string())]
 METADATA_SCHEMA = pa.schema([
-    pa.field("image_id", pa.string()),
-    pa.field("path", pa.string()),
-    pa.field("label", pa.string()),
+    *_IMAGE_FIELDS,
     pa.field("split", pa.string()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
@@ -65,15 +63,12 @@ METADATA_SCHEMA = pa.schema([
     pa.field("status", pa.string()),
 ])
 ERRORS_SCHEMA = pa.schema([
-    pa.field("image_id", pa.string()),
-    pa.field("path", pa.string()),
-    pa.field("label", pa.string()),
+    *_IMAGE_FIELDS,
     pa.field("stage", pa.string()),
     pa.field("reason", pa.string()),
     # True when the failure says nothing about the image (a read that timed out): the next run retries it.
     pa.field("retryable", pa.bool_()),
 ])
-STAGES = ("list", "read", "decode", "infer", "write")
 
 
 def part_name(shard_id: int, suffix: str = ".parquet") -> str:
