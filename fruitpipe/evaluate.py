@@ -21,14 +21,18 @@ import pyarrow as pa
 from fruitpipe import sinks
 from fruitpipe.config import RunConfig
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.storage import locate
+from fruitpipe.run_folder import (  # noqa: F401 (cli names EVALUATION_JSON from here)
+    EVALUATION_JSON,
+    EVALUATION_RUN,
+    FEATURES,
+    PCA,
+    RunFolder,
+)
 
 METHODS = ("1nn", "5nn", "centroid")
 METHOD_TITLES = {"1nn": "1-NN", "5nn": "5-NN", "centroid": "centroid"}
 METRIC = "cosine similarity after subtracting the training mean"
-EVALUATION_DIR = "evaluation"
-EVALUATION_JSON = "evaluation/evaluation.json"
-FEATURE_SETS = (("pca", sinks.PCA, "pca"), ("raw", sinks.FEATURES, "features"))
+FEATURE_SETS = (("pca", PCA, "pca"), ("raw", FEATURES, "features"))
 NEIGHBOURS = 5
 _CHUNK_ELEMENTS = 16_000_000
 _TIE_BREAK = 1e-3
@@ -36,7 +40,7 @@ _TIE_BREAK = 1e-3
 
 def default_work_dir(run_dir: str) -> str:
     """Where the held-out images' features go unless told otherwise: inside the run folder."""
-    return f"{run_dir.rstrip('/')}/{EVALUATION_DIR}/test_run"
+    return f"{run_dir.rstrip('/')}/{EVALUATION_RUN}"
 
 
 def predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, classes: int) -> dict[str, np.ndarray]:
@@ -90,7 +94,7 @@ class _Scored:
 
 def _labelled_matrix(run_dir: str, directory: str, column: str) -> tuple[np.ndarray, list[str]]:
     try:
-        table = sinks.read_dataset(locate(run_dir), directory, columns=["label", column])
+        table = RunFolder(run_dir).table(directory, columns=["label", column])
     except (OSError, pa.ArrowException) as exc:
         raise FruitpipeError(f"cannot read {run_dir.rstrip('/')}/{directory} (a torn or missing Parquet part: "
                              f"{str(exc).strip().splitlines()[0]}); run the command that wrote it again") from None
@@ -113,11 +117,11 @@ def _score(run_dir: str, test_dir: str, directory: str, column: str) -> _Scored:
 
 def evaluate(run_dir: str, config: RunConfig) -> dict:
     """Extract the held-out images of `config` with the run's model, score them, write evaluation.json."""
-    from fruitpipe.run_folder import load_run
     from fruitpipe.pipeline import transform
 
     started = time.perf_counter()
-    trained = load_run(run_dir)
+    folder = RunFolder.finished(run_dir)
+    trained = folder.result()
     tested = transform(run_dir, config)
     if tested.images_ok == 0:
         raise FruitpipeError(f"none of the {tested.images_listed} test images could be processed; "
@@ -147,7 +151,7 @@ def evaluate(run_dir: str, config: RunConfig) -> dict:
         "most_confused_pca_1nn": _confusions(reference.truth, reference.predictions["1nn"], reference.classes),
         "seconds": time.perf_counter() - started,
     }
-    sinks.write_json(locate(run_dir), EVALUATION_JSON, document)
+    folder.write_evaluation(document)
     return document
 
 

@@ -4,44 +4,36 @@ Reads and decodes run in a few daemon threads ahead of inference (PIL and the ne
 so memory stays flat; one that hangs past the read timeout is abandoned (`prefetch`) and loaded again later. Every
 image ends as a features row or an error row with its stage (retryable when it timed out); the shard's outputs are
 written whole, and its stats file, written last, marks it done.
-On resume a shard counts as done only when its stats file and its parts agree (`completed_shards`).
+On resume a shard counts as done only when its stats file and its parts agree (`RunFolder.completed_shards`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import os
-import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from fruitpipe import sinks
 from fruitpipe.images import ImageDecodeError, Preprocessing, image_size, preprocess
 from fruitpipe.inference import extract_features, runtime_for
 from fruitpipe.prefetch import Job, Loaded, prefetched
-from fruitpipe.storage import (Location, StorageUnavailable, list_names, locate, read_bytes, remove_tree,
-                               with_retries)
+from fruitpipe.records import ImageRow, ShardStats, records_digest
+from fruitpipe.run_folder import RunFolder, ShardTables
+from fruitpipe.storage import Location, StorageUnavailable, locate, read_bytes
 
-IMAGE_COLUMNS = ["image_id", "path", "label", "label_index", "split", "bytes", "shard_id", "version"]
-# The Spark schema of the image rows the driver sends to the shard tasks, in IMAGE_COLUMNS order.
-IMAGE_SCHEMA = ("image_id string, path string, label string, label_index int, split string, bytes long, shard_id int, "
-                "version string")
 # Images decoded ahead of inference, at least: enough to keep io_threads busy and hide object-store latency.
 PREFETCH_IMAGES = 32
 # Pause before loading timed-out images again (doubled for each further attempt): a stalled store gets time back.
 RETRY_PAUSE_S = 2.0
-# storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
-_PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+# The key columns of the features part, taken from the image rows.
+_KEYS_SCHEMA = pa.schema(sinks.KEY_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -87,7 +79,7 @@ class ShardTimer:
 def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) -> Loaded:
     started = time.perf_counter()
     try:
-        data = read_bytes(source, source.join(job.record["path"]))
+        data = read_bytes(source, source.join(job.record.path))
     except FileNotFoundError:
         return Loaded(stage="read", reason="file vanished after listing (not found)")
     except PermissionError as exc:
@@ -114,8 +106,8 @@ def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) ->
         timer.add("decode", time.perf_counter() - started)
 
 
-def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettings,
-                  load_model_bytes: Callable[[], bytes]) -> dict:
+def process_shard(shard_id: int, records: list[ImageRow], settings: ExtractionSettings,
+                  load_model_bytes: Callable[[], bytes]) -> ShardStats:
     """Extract features for one shard's images and write its outputs; returns the shard's stats.
 
     An image whose load timed out is loaded again, up to settings.read_attempts times in all, after a pause: a
@@ -124,13 +116,13 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
     """
     wall_started = time.perf_counter()
     timer = ShardTimer()
-    source, out = locate(settings.source), locate(settings.output)
+    source = locate(settings.source)
     runtime = runtime_for(settings.model_key, load_model_bytes, settings.threads, precision=settings.precision,
                           runtime=settings.runtime, batch_size=settings.batch_size)
-    ok_rows: list[dict] = []
+    ok_rows: list[ImageRow] = []
     ok_vectors: list[np.ndarray] = []
     outcomes: dict[str, Loaded] = {}
-    batch: list[tuple[dict, np.ndarray]] = []
+    batch: list[tuple[ImageRow, np.ndarray]] = []
 
     def flush() -> None:
         if not batch:
@@ -140,9 +132,9 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
             vectors = extract_features(runtime, np.stack([tensor for _, tensor in batch]))
         except Exception as exc:
             for record, _ in batch:
-                loaded = outcomes[record["image_id"]]
-                outcomes[record["image_id"]] = dataclasses.replace(loaded, stage="infer",
-                                                                   reason=f"{type(exc).__name__}: {exc}")
+                loaded = outcomes[record.image_id]
+                outcomes[record.image_id] = dataclasses.replace(loaded, stage="infer",
+                                                                reason=f"{type(exc).__name__}: {exc}")
         else:
             ok_rows.extend(record for record, _ in batch)
             ok_vectors.append(vectors)
@@ -158,7 +150,7 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
                                          threads=settings.io_threads,
                                          window=max(2 * settings.batch_size, PREFETCH_IMAGES),
                                          timeout_s=settings.read_timeout_s):
-            outcomes[record["image_id"]] = dataclasses.replace(loaded, tensor=None)
+            outcomes[record.image_id] = dataclasses.replace(loaded, tensor=None)
             if loaded.tensor is not None:
                 batch.append((record, loaded.tensor))
                 if len(batch) == settings.batch_size:
@@ -170,46 +162,38 @@ def process_shard(shard_id: int, records: list[dict], settings: ExtractionSettin
         if not pending:
             break
 
-    metadata_rows = [_metadata_row(record, outcomes[record["image_id"]]) for record in records]
-    error_rows = [_error(record, outcomes[record["image_id"]]) for record in records
-                  if outcomes[record["image_id"]].stage]
+    metadata_rows = [_metadata_row(record, outcomes[record.image_id]) for record in records]
+    error_rows = [_error(record, outcomes[record.image_id]) for record in records if outcomes[record.image_id].stage]
     started = time.perf_counter()
     features = np.concatenate(ok_vectors) if ok_vectors else np.zeros((0, 0), dtype=np.float32)
-    keys = pd.DataFrame(ok_rows, columns=IMAGE_COLUMNS)
-    sinks.write_parquet(out, sinks.FEATURES, sinks.part_name(shard_id), sinks.vectors_table(keys, "features", features))
-    sinks.write_parquet(out, sinks.METADATA, sinks.part_name(shard_id),
-                        pa.Table.from_pylist(metadata_rows, schema=sinks.METADATA_SCHEMA))
-    sinks.write_parquet(out, sinks.ERRORS, sinks.part_name(shard_id),
-                        pa.Table.from_pylist(error_rows, schema=sinks.ERRORS_SCHEMA))
-    timer.add("write", time.perf_counter() - started)
-    timer.wall = time.perf_counter() - wall_started
-    stats = {
-        "shard_id": shard_id,
-        "images": len(records),
-        "ok": len(ok_rows),
-        "failed": len(error_rows),
-        "retryable": sum(row["retryable"] for row in error_rows),
-        "feature_dim": int(features.shape[1]) if features.size else 0,
-        "images_sha256": records_digest(records),
-        "task_attempt": _task_attempt(),
-        "seconds": timer.seconds(),
-        "runtime": runtime.info(),
-        "executor": executor_identity(),
-        "finished_at": time.time(),
-    }
-    sinks.write_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(shard_id, '.json')}", stats)
-    return stats
+    keys = pa.Table.from_pylist([record.to_dict() for record in ok_rows], schema=_KEYS_SCHEMA)
+    tables = ShardTables(features=sinks.vectors_table(keys, "features", features),
+                         metadata=pa.Table.from_pylist(metadata_rows, schema=sinks.METADATA_SCHEMA),
+                         errors=pa.Table.from_pylist(error_rows, schema=sinks.ERRORS_SCHEMA))
+
+    def stats() -> ShardStats:
+        """Called once the parts are written, so the stats count the time the writes took."""
+        timer.add("write", time.perf_counter() - started)
+        timer.wall = time.perf_counter() - wall_started
+        return ShardStats(shard_id=shard_id, images=len(records), ok=len(ok_rows), failed=len(error_rows),
+                          retryable=sum(row["retryable"] for row in error_rows),
+                          feature_dim=int(features.shape[1]) if features.size else 0,
+                          images_sha256=records_digest(records), task_attempt=_task_attempt(),
+                          seconds=timer.seconds(), runtime=runtime.info(), executor=executor_identity(),
+                          finished_at=time.time())
+
+    return RunFolder(settings.output).write_shard(shard_id, tables, stats)
 
 
-def _metadata_row(record: dict, loaded: Loaded) -> dict:
+def _metadata_row(record: ImageRow, loaded: Loaded) -> dict:
     status = "ok" if not loaded.stage else ("retryable" if loaded.retryable else "failed")
-    return {"image_id": record["image_id"], "path": record["path"], "label": record["label"],
-            "split": record["split"], "width": loaded.width, "height": loaded.height, "bytes": record["bytes"],
-            "format": loaded.image_format, "status": status}
+    return {"image_id": record.image_id, "path": record.path, "label": record.label, "split": record.split,
+            "width": loaded.width, "height": loaded.height, "bytes": record.bytes, "format": loaded.image_format,
+            "status": status}
 
 
-def _error(record: dict, loaded: Loaded) -> dict:
-    return {"image_id": record["image_id"], "path": record["path"], "label": record["label"],
+def _error(record: ImageRow, loaded: Loaded) -> dict:
+    return {"image_id": record.image_id, "path": record.path, "label": record.label,
             "stage": loaded.stage, "reason": loaded.reason[:500], "retryable": loaded.retryable}
 
 
@@ -219,66 +203,6 @@ def _task_attempt() -> int:
 
     context = TaskContext.get()
     return context.attemptNumber() if context is not None else 0
-
-
-def records_digest(records: Iterable[dict]) -> str:
-    """sha256 over the images' paths, sizes and versions (mtime or ETag), in order: equal only for the same images,
-    unchanged, in the same order, so a file rewritten in place with the same size is not taken for done."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(f"{record['path']}\0{record['bytes']}\0{record['version']}\n".encode())
-    return digest.hexdigest()
-
-
-def completed_shards(out: Location, shards: dict[int, list[dict]]) -> set[int]:
-    """The planned shards already done: stats file present and readable, every part holding the rows it says, and
-    no image left to retry (one whose load timed out).
-
-    A shard whose stats file exists but whose parts are missing, torn or disagree, or that holds images to retry,
-    is not done: its stats file is deleted, so it is redone and a run killed while redoing it cannot mistake it for
-    done.
-    """
-    present = set(list_names(out, out.join(sinks.SHARD_STATS)))
-    candidates = [shard_id for shard_id in sorted(shards) if sinks.part_name(shard_id, ".json") in present]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        whole = dict(zip(candidates, pool.map(lambda i: _shard_is_whole(out, i, shards[i]), candidates)))
-    for shard_id in candidates:
-        if not whole[shard_id]:
-            remove_tree(out, out.join(sinks.SHARD_STATS, sinks.part_name(shard_id, ".json")))
-    return {shard_id for shard_id in candidates if whole[shard_id]}
-
-
-def _shard_is_whole(out: Location, shard_id: int, records: list[dict]) -> bool:
-    try:
-        stats = sinks.read_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(shard_id, '.json')}")
-        if (stats["shard_id"] != shard_id or stats["images"] != len(records)
-                or stats["ok"] + stats["failed"] != len(records) or stats["images_sha256"] != records_digest(records)
-                or stats.get("retryable", 0)):
-            return False
-        expected = {sinks.FEATURES: stats["ok"], sinks.METADATA: stats["images"], sinks.ERRORS: stats["failed"]}
-        return all(with_retries(lambda d=directory: sinks.parquet_rows(out, d, sinks.part_name(shard_id))) == rows
-                   for directory, rows in expected.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def remove_partial_writes(out: Location) -> list[str]:
-    """Delete the temp files killed writers left in a local run folder; returns their paths.
-
-    Readers already skip them (hidden names, not `.parquet`); removing them keeps the folder clean. Object
-    stores need nothing: an object is written in one PUT or not at all.
-    """
-    if not out.is_local:
-        return []
-    removed = []
-    for directory, _, names in os.walk(out.path):
-        for name in names:
-            if _PARTIAL_WRITE.match(name):
-                path = os.path.join(directory, name)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                    removed.append(path)
-    return removed
 
 
 def executor_identity() -> dict:
@@ -294,12 +218,3 @@ def _executor_id_from_workdir() -> str:
     if name.isdigit() and os.path.basename(parent).startswith("app-"):
         return name
     return "driver"
-
-
-def shard_records(batches: Iterable[pd.DataFrame]) -> dict[int, list[dict]]:
-    """Group the image rows of a Spark partition by shard id (a partition normally holds exactly one shard)."""
-    shards: dict[int, list[dict]] = {}
-    for frame in batches:
-        for row in frame.to_dict("records"):
-            shards.setdefault(int(row["shard_id"]), []).append(row)
-    return shards

@@ -11,7 +11,15 @@ from fruitpipe.dataset import IMAGE_SUFFIXES, SPLITS
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import ImageDecodeError, decode_rgb, image_size
 from fruitpipe.prefetch import HungReadsError, Job, Loaded, prefetched
-from fruitpipe.storage import Location, StorageUnavailable, exists, find_files, locate, read_bytes
+from fruitpipe.run_folder import RUN_MARKER
+from fruitpipe.storage import (
+    Location,
+    StorageUnavailable,
+    exists,
+    find_files,
+    locate,
+    read_bytes,
+)
 
 IMAGES_CSV = "images.csv"
 CLASSES_CSV = "classes.csv"
@@ -104,7 +112,7 @@ def _check_output(out: Location, output: str) -> None:
     """Refuse an output that is a file, or a run folder (its files would mix with the run's), before any work."""
     if out.call("isfile", out.path):
         raise FruitpipeError(f"inventory output {output} is a file; choose a folder")
-    if exists(out, out.join(sinks.RUN_MARKER)):
+    if exists(out, out.join(RUN_MARKER)):
         raise FruitpipeError(f"inventory output {output} is a fruitpipe run folder; choose another folder")
 
 

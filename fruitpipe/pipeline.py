@@ -6,7 +6,6 @@ different configuration is refused rather than mixed; `overwrite` starts afresh.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import platform
@@ -20,17 +19,29 @@ import yaml
 
 from fruitpipe import runtimes, sinks
 from fruitpipe.config import RunConfig, auto_shard_size
-from fruitpipe.dataset import ImageRecord, UnlistedFile, label_indices, list_split, select
+from fruitpipe.dataset import (
+    ImageRecord,
+    UnlistedFile,
+    label_indices,
+    list_split,
+    select,
+)
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import ExtractionSettings, completed_shards, records_digest, remove_partial_writes
+from fruitpipe.extract import ExtractionSettings
 from fruitpipe.extras import MissingExtra
-from fruitpipe.models.artifact import ARTIFACT_JSON, ModelArtifact, build_artifact, load_artifact, write_artifact
-from fruitpipe.models.specs import get_spec
+from fruitpipe.models.artifact import ModelArtifact, build_artifact, load_artifact
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
 from fruitpipe.progress import ExtractionProgress
-from fruitpipe.run_folder import RunFolder, RunResult, check_not_held, refuse_nested, require_finished
-from fruitpipe.storage import (Location, exists, list_names, locate, read_bytes, remove_tree, unavailable_reported,
-                               write_bytes)
+from fruitpipe.records import ImageRow, ShardStats, records_digest
+from fruitpipe.run_folder import (
+    ERRORS,
+    FEATURES,
+    PCA,
+    RunFolder,
+    RunResult,
+    refuse_nested,
+)
+from fruitpipe.storage import unavailable_reported
 from fruitpipe.version import __version__
 
 # What `run` tells a user whose machine cannot export a model (no torch: an executor or EMR node).
@@ -53,9 +64,10 @@ def transform(run_dir: str, config: RunConfig) -> RunResult:
     """Features + PCA for new images with a finished run's model and fitted PCA (no refit)."""
     started = time.perf_counter()
     refuse_nested(config.source, config.output)
-    artifact, onnx = stored_artifact(run_dir)
-    pca_model = load_pca_model(run_dir)
-    computed = _computed_with(run_dir, artifact)
+    trained = RunFolder.finished(run_dir)
+    artifact, onnx = trained.artifact()
+    pca_model = trained.pca_model()
+    computed = _computed_with(trained.model_info(), artifact)
     config = dataclasses.replace(config, model=artifact.name, image_size=artifact.input_size, **computed).validate()
     with RunFolder(config.output) as folder:
         return _execute(config, artifact, onnx, pca_model, started, {"model_export": 0.0}, folder)
@@ -80,9 +92,9 @@ def _model_precision(precision: str) -> str:
     return "int8" if precision == "int8" else "fp32"
 
 
-def _computed_with(run_dir: str, artifact: ModelArtifact) -> dict[str, str]:
-    """The precision and runtime a finished run computed its features with, so new images get the same."""
-    info = sinks.read_json(locate(run_dir), f"{sinks.MODEL_INFO}/model_info.json")
+def _computed_with(info: dict, artifact: ModelArtifact) -> dict[str, str]:
+    """The precision and runtime a finished run computed its features with (its model_info), so new images get the
+    same."""
     runtime = info.get("runtime", {}).get("runtime", "onnxruntime")
     return {"precision": info.get("precision", artifact.precision), "runtime": runtime}
 
@@ -106,25 +118,8 @@ def _decided_by(artifact: ModelArtifact, config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, **decided)
 
 
-def stored_artifact(run_dir: str) -> tuple[ModelArtifact, bytes]:
-    """The model artifact a finished run computed its features with, read from its folder (no torch, no export)."""
-    out = require_finished(run_dir)
-    try:
-        info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
-        if exists(out, out.join(sinks.MODEL, ARTIFACT_JSON)):
-            return load_artifact(out.uri(out.join(sinks.MODEL)))
-        # A run made before model/ held model.json: model_info.json records the same fields.
-        artifact = ModelArtifact(spec=get_spec(info["model"]), input_size=int(info["image_size"]),
-                                 precision=info.get("precision", "fp32"), weights_sha256=info["weights_sha256"],
-                                 onnx_sha256=info["onnx_sha256"], weights=str(info.get("weights", "")))
-        return artifact, read_bytes(out, out.join(sinks.MODEL, sinks.ONNX_FILE))
-    except FileNotFoundError:
-        raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no model_info or model)") from None
-
-
 def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca: PcaModel | None, started: float,
              seconds: dict[str, float], folder: RunFolder) -> RunResult:
-    out = locate(config.output)
     phase = time.perf_counter()
     listing = list_split(config.source, config.split)
     selection = config.selection()
@@ -142,8 +137,9 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256,
                                      runtime.runtime)
     shards = plan_shards(images, config.shard_size)
-    planned = {"images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
-    _check_output(out, config, fingerprint, planned)
+    identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
+                "images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
+    folder.check(identity, config.overwrite)
 
     from fruitpipe.spark import run_extraction, run_gram, run_projection, spark_session
 
@@ -154,50 +150,50 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                                   runtime=runtime.runtime)
     with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
         spark_master = spark.sparkContext.master
-        _claim_output(out, config, fingerprint, planned, folder)
-        write_artifact(out.uri(out.join(sinks.MODEL)), artifact, onnx)
-        _write_listing_errors(out, unlisted)
-        done = completed_shards(out, shards)
+        folder.claim(identity, replacing=config.overwrite)
+        folder.write_artifact(artifact, onnx)
+        folder.write_listing_errors(_listing_errors(unlisted))
+        done = folder.completed_shards(shards)
         pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
         phase = time.perf_counter()
         with ExtractionProgress(config.output, {i: len(rows) for i, rows in shards.items()}, done, config.quiet):
             run_extraction(spark, pending, settings, onnx)
         seconds["extract"] = time.perf_counter() - phase
 
-        stats = _shard_stats(out, sorted(shards))
-        images_ok = sum(s["ok"] for s in stats)
-        ok_shards = [s["shard_id"] for s in stats if s["ok"] > 0]
+        stats = [folder.shard_stats(shard_id) for shard_id in sorted(shards)]
+        images_ok = sum(s.ok for s in stats)
+        ok_shards = [s.shard_id for s in stats if s.ok > 0]
         phase = time.perf_counter()
         if fixed_pca is not None:
             model = fixed_pca
         else:
             if images_ok < 2:
                 raise FruitpipeError(f"only {images_ok} of {len(images)} images could be processed; "
-                                     f"see {out.uri(out.join(sinks.ERRORS))}")
-            statistics = run_gram(spark, config.output, ok_shards, _shift(out, ok_shards[0]))
+                                     f"see {folder.uri(ERRORS)}")
+            statistics = run_gram(spark, config.output, ok_shards, _shift(folder, ok_shards[0]))
             model = fit(statistics, k=None if config.pca_variance else config.pca_k, variance=config.pca_variance)
         seconds["pca_fit"] = time.perf_counter() - phase
 
         phase = time.perf_counter()
-        remove_tree(out, out.join(sinks.PCA))
+        folder.clear(PCA)
         run_projection(spark, config.output, ok_shards, model)
         seconds["pca_transform"] = time.perf_counter() - phase
 
     phase = time.perf_counter()
-    retryable = sum(s.get("retryable", 0) for s in stats)
+    retryable = sum(s.retryable for s in stats)
     counts = {"images_listed": len(images) + len(unlisted), "images_ok": images_ok,
-              "images_failed": sum(s["failed"] for s in stats) - retryable + len(unlisted),
+              "images_failed": sum(s.failed for s in stats) - retryable + len(unlisted),
               "images_retryable": retryable}
-    _write_pca_model(out, model, artifact)
-    _write_csv_copies(out, config.features_csv)
+    _write_pca_model(folder, model, artifact)
+    folder.write_csv_copies(config.features_csv)
     seconds["write_outputs"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - started
-    executors = sorted({str(s["executor"]["executor_id"]) for s in stats})
+    executors = sorted({str(s.executor["executor_id"]) for s in stats})
     result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
                        spark_master=spark_master, hidden_files_skipped=listing.hidden_files, **counts)
-    _write_documents(out, config, artifact, model, result, stats, fingerprint, runtime, folder)
+    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime)
     return result
 
 
@@ -217,98 +213,30 @@ def _in_selection(unlisted: UnlistedFile, selection) -> bool:
                                         for glob in selection.classes if unlisted.label)
 
 
-def plan_shards(images: list[ImageRecord], shard_size: int) -> dict[int, list[dict]]:
+def plan_shards(images: list[ImageRecord], shard_size: int) -> dict[int, list[ImageRow]]:
     """Deterministic shards of `shard_size` images in path order: the unit of work, output and resume."""
     indices = label_indices(images)
-    rows = [{"image_id": r.image_id, "path": r.path, "label": r.label, "label_index": indices[r.label],
-             "split": r.split, "bytes": r.bytes, "version": r.version} for r in images]
-    shards: dict[int, list[dict]] = {}
-    for shard_id, start in enumerate(range(0, len(rows), shard_size)):
-        shards[shard_id] = [{**row, "shard_id": shard_id} for row in rows[start:start + shard_size]]
-    return shards
+    return {shard_id: [ImageRow(image_id=r.image_id, path=r.path, label=r.label, label_index=indices[r.label],
+                                split=r.split, bytes=r.bytes, shard_id=shard_id, version=r.version)
+                       for r in images[start:start + shard_size]]
+            for shard_id, start in enumerate(range(0, len(images), shard_size))}
 
 
-def _check_output(out: Location, config: RunConfig, fingerprint: str, planned: dict) -> None:
-    """Before anything is written: refuse a folder holding something else, or a run of another configuration or
-    of another set of images (the source changed since), rather than mix the two."""
-    try:
-        if out.call("isfile", out.path):
-            raise FruitpipeError(f"output {config.output} is a file; choose a folder")
-        names = list_names(out, out.path)
-    except OSError as exc:
-        raise FruitpipeError(f"cannot use output {config.output}: {exc.strerror or exc}") from None
-    if not names:
-        return
-    if sinks.RUN_MARKER not in names:
-        raise FruitpipeError(f"output {config.output} already holds files that are not a fruitpipe run; "
-                             "choose an empty or new folder")
-    marker = sinks.read_json(out, sinks.RUN_MARKER)
-    check_not_held(marker, config.output)
-    if config.overwrite:
-        return
-    if marker.get("fingerprint") != fingerprint:
-        raise FruitpipeError(f"output {config.output} holds a run with another configuration "
-                             f"(model {marker.get('model')}, source {marker.get('source')}); "
-                             "use --overwrite to replace it or choose another output")
-    if marker.get("listing_sha256") != planned["listing_sha256"]:
-        raise FruitpipeError(f"output {config.output} holds a run over other images ({marker.get('images')} then, "
-                             f"{planned['images']} now: the source changed); use --overwrite to start afresh "
-                             "or choose another output")
-
-
-def _claim_output(out: Location, config: RunConfig, fingerprint: str, planned: dict, folder: RunFolder) -> None:
-    """Claim OUT for this run (lease, in progress, manifest withdrawn) after checking it again: another run may have
-    written it while Spark started. Overwrite then clears it, recording the new run last, so a clear cut short can be
-    redone; a resume first deletes the temp files of writers killed mid-write."""
-    _check_output(out, config, fingerprint, planned)
-    identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
-                **planned}
-    try:
-        folder.claim(identity, replacing=config.overwrite)
-        if config.overwrite:
-            for name in list_names(out, out.path):
-                if name != sinks.RUN_MARKER:
-                    with contextlib.suppress(FileNotFoundError):  # e.g. the heartbeat's temp marker, renamed since
-                        remove_tree(out, out.join(name))
-            folder.record(identity)
-        else:
-            remove_partial_writes(out)
-    except OSError as exc:
-        raise FruitpipeError(f"cannot write to output {config.output}: {exc.strerror or exc}") from None
-
-
-def _write_listing_errors(out: Location, unlisted: list[UnlistedFile]) -> None:
+def _listing_errors(unlisted: list[UnlistedFile]) -> pa.Table:
     rows = [{"image_id": "", "path": file.path, "label": file.label, "stage": "list", "reason": file.reason,
              "retryable": False} for file in unlisted]
-    sinks.write_parquet(out, sinks.ERRORS, sinks.LISTING_ERRORS_PART, pa.Table.from_pylist(rows, schema=sinks.ERRORS_SCHEMA))
+    return pa.Table.from_pylist(rows, schema=sinks.ERRORS_SCHEMA)
 
 
-def _shard_stats(out: Location, shard_ids: list[int]) -> list[dict]:
-    stats = [sinks.read_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(i, '.json')}") for i in shard_ids]
-    return sorted(stats, key=lambda s: s["shard_id"])
-
-
-def _shift(out: Location, shard_id: int) -> np.ndarray:
+def _shift(folder: RunFolder, shard_id: int) -> np.ndarray:
     """A row near the data's centre (one shard's mean) to keep the Gram sums well conditioned."""
-    table = sinks.read_parquet(out, sinks.FEATURES, sinks.part_name(shard_id))
-    return sinks.vectors_matrix(table, "features").astype(np.float64).mean(axis=0)
+    return sinks.vectors_matrix(folder.part(FEATURES, shard_id), "features").astype(np.float64).mean(axis=0)
 
 
-def _write_pca_model(out: Location, model: PcaModel, artifact: ModelArtifact) -> None:
-    write_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ), model.to_npz_bytes())
+def _write_pca_model(folder: RunFolder, model: PcaModel, artifact: ModelArtifact) -> None:
     extra = {"feature_model": artifact.name, "weights_sha256": artifact.weights_sha256,
              "input_size": artifact.input_size, "onnx_sha256": artifact.onnx_sha256}
-    write_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_JSON), model_json(model, extra).encode())
-    sinks.write_csv(out, sinks.VARIANCE_CSV, pa.Table.from_pylist(variance_rows(model)))
-
-
-def _write_csv_copies(out: Location, features_csv: bool) -> None:
-    sinks.write_csv(out, f"{sinks.CSV}/pca.csv", sinks.expand_vectors(sinks.read_dataset(out, sinks.PCA), "pca", "pc"))
-    sinks.write_csv(out, f"{sinks.CSV}/metadata.csv", sinks.read_dataset(out, sinks.METADATA))
-    sinks.write_csv(out, f"{sinks.CSV}/errors.csv", sinks.read_dataset(out, sinks.ERRORS))
-    if features_csv:
-        features = sinks.read_dataset(out, sinks.FEATURES)
-        sinks.write_csv(out, f"{sinks.CSV}/features.csv", sinks.expand_vectors(features, "features", "f"))
+    folder.write_pca_model(model, model_json(model, extra), pa.Table.from_pylist(variance_rows(model)))
 
 
 def versions() -> dict[str, str]:
@@ -320,15 +248,14 @@ def versions() -> dict[str, str]:
             "pyspark": pyspark.__version__, "platform": platform.platform()}
 
 
-def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, model: PcaModel,
-                     result: RunResult, stats: list[dict], fingerprint: str, runtime: runtimes.Choice,
-                     folder: RunFolder) -> None:
+def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model: PcaModel, result: RunResult,
+            stats: list[ShardStats], fingerprint: str, runtime: runtimes.Choice) -> None:
     """model_info, resolved config and, last, the manifest that lists every output and its row count (committed
     through `folder`, which checks that this run still holds OUT)."""
     spec = artifact.spec
     counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
               "images_failed": result.images_failed, "images_retryable": result.images_retryable}
-    shard_seconds = {phase: sum(s["seconds"][phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
+    shard_seconds = {phase: sum(s.seconds[phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
     model_info = {
         "model": spec.name, "precision": config.precision, "model_precision": artifact.precision,
         "runtime": dataclasses.asdict(runtime), "weights": artifact.weights,
@@ -339,31 +266,11 @@ def _write_documents(out: Location, config: RunConfig, artifact: ModelArtifact, 
         "shard_seconds_summed": shard_seconds, "images_per_second": result.images_per_second,
         "executors": result.executors, "spark_master": result.spark_master, "versions": versions(),
     }
-    sinks.write_json(out, f"{sinks.MODEL_INFO}/model_info.json", model_info)
-    write_bytes(out, out.join(sinks.CONFIG_YAML), yaml.safe_dump(config.to_public_dict(), sort_keys=True).encode())
-    files = {}
-    for directory in (sinks.FEATURES, sinks.PCA, sinks.METADATA, sinks.ERRORS):
-        parts = [n for n in list_names(out, out.join(directory)) if n.endswith(".parquet")]
-        rows = sum(sinks.parquet_rows(out, directory, n) for n in parts)
-        files[directory] = {"format": "parquet", "parts": len(parts), "rows": rows}
     manifest = {
         "fruitpipe": __version__, "fingerprint": fingerprint, "created_unix": time.time(),
         "source": config.source, "split": config.split, "model": spec.name, "pca_k": model.k,
-        **counts, "hidden_files_skipped": result.hidden_files_skipped, "shards": result.shards_total, "shards_resumed": result.shards_resumed, "outputs": files,
-        "documents": [sinks.VARIANCE_CSV, f"{sinks.MODEL_INFO}/model_info.json", sinks.CONFIG_YAML,
-                      f"{sinks.MODEL}/{sinks.PCA_MODEL_NPZ}", f"{sinks.MODEL}/{sinks.PCA_MODEL_JSON}",
-                      f"{sinks.MODEL}/{sinks.ONNX_FILE}", f"{sinks.MODEL}/{ARTIFACT_JSON}", f"{sinks.CSV}/pca.csv", f"{sinks.CSV}/metadata.csv",
-                      f"{sinks.CSV}/errors.csv"] + ([f"{sinks.CSV}/features.csv"] if config.features_csv else []),
+        **counts, "hidden_files_skipped": result.hidden_files_skipped, "shards": result.shards_total, "shards_resumed": result.shards_resumed,
+        "outputs": folder.outputs(), "documents": folder.documents(config.features_csv),
         "python": sys.version.split()[0],
     }
-    folder.commit(manifest)
-
-
-def load_pca_model(run_dir: str) -> PcaModel:
-    """The PCA a finished run fitted, to project new features without refitting."""
-    out = require_finished(run_dir)
-    try:
-        return PcaModel.from_npz_bytes(read_bytes(out, out.join(sinks.MODEL, sinks.PCA_MODEL_NPZ)))
-    except FileNotFoundError:
-        raise FruitpipeError(f"{run_dir} has no fitted PCA ({sinks.MODEL}/{sinks.PCA_MODEL_NPZ} is missing); "
-                             "run the same command again to rewrite it") from None
+    folder.commit(manifest, model_info, yaml.safe_dump(config.to_public_dict(), sort_keys=True))

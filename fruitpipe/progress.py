@@ -1,4 +1,4 @@
-"""Driver-side progress of the extraction stage, read from the run folder's `_shards/` stats files.
+"""Driver-side progress of the extraction stage, read from the run folder's shard stats files.
 
 Each shard writes its stats file last, so the files present are exactly the shards done; this works the same on
 a local disk, a cluster and S3 (one listing per poll plus one read per newly finished shard). Progress is a
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
-from fruitpipe import sinks
-from fruitpipe.storage import Location, list_names, locate
+from fruitpipe.records import ShardStats
+from fruitpipe.run_folder import RunFolder
 
 POLL_SECONDS = 2.0
 LOG_EVERY_SECONDS = 10.0
@@ -54,7 +54,7 @@ class ExtractionProgress:
         self._seen: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._location: Location | None = None
+        self._folder: RunFolder | None = None
         self._bar: Any = None
         self._started = 0.0
         self._last_line = 0.0
@@ -72,7 +72,7 @@ class ExtractionProgress:
             return
         stream = self.stream if self.stream is not None else sys.stderr
         self.stream = stream
-        self._location = locate(self.output)
+        self._folder = RunFolder(self.output)
         self._started = time.monotonic()
         resumed_images = sum(self.shard_images[shard_id] for shard_id in self.resumed)
         self.counts.images_done = resumed_images
@@ -132,25 +132,21 @@ class ExtractionProgress:
 
     def _poll(self) -> None:
         """Read the stats files of shards that finished since the last poll."""
-        assert self._location is not None
-        out = self._location
+        assert self._folder is not None
         try:
-            names = list_names(out, out.join(sinks.SHARD_STATS))
-            fresh = [int(name[5:10]) for name in names if name.startswith("part-") and name.endswith(".json")]
-            fresh = [shard_id for shard_id in fresh if shard_id in self.shard_images and shard_id not in self._seen]
+            fresh = (self._folder.finished_shards() & set(self.shard_images)) - self._seen
             for shard_id in sorted(fresh):
-                stats = sinks.read_json(out, f"{sinks.SHARD_STATS}/{sinks.part_name(shard_id, '.json')}")
-                self._count(shard_id, stats)
+                self._count(shard_id, self._folder.shard_stats(shard_id))
         except Exception:
             # Progress is advisory: a failed listing or read must never fail the run; the next poll retries.
             return
 
-    def _count(self, shard_id: int, stats: dict) -> None:
+    def _count(self, shard_id: int, stats: ShardStats) -> None:
         self._seen.add(shard_id)
-        self.counts.failed += int(stats["failed"])
+        self.counts.failed += stats.failed
         if shard_id in self.resumed:
             return
-        images = int(stats["images"])
+        images = stats.images
         self.counts.images_done += images
         self.counts.new_images += images
         self.counts.shards_done += 1

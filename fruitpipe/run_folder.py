@@ -1,4 +1,22 @@
-"""Who may write a run folder, and whether what it holds is a finished run.
+"""The run folder's one owner: its layout, who may write it, and whether what it holds is a finished run.
+
+Shaped like Ray Data's Datasink contract. On the driver `RunFolder.claim` takes the folder (start),
+`completed_shards` says what a resume may skip, and `commit` writes the manifest last (complete); leaving the
+context without a commit (failed) releases the lease and leaves the folder marked in progress for the next run.
+On executors `write_shard` writes a shard's parts whole, then its stats file: the shard's commit record. Readers
+open a finished folder with `RunFolder.finished` and read typed things (`result`, `pca_model`, `artifact`,
+`table`). Every path of the layout is named here and nowhere else:
+
+    features/part-NNNNN.parquet   image_id, path, label, label_index, split, features (list<float32>[D])
+    pca/part-NNNNN.parquet        image_id, path, label, label_index, split, pca (list<float32>[k])
+    metadata/part-NNNNN.parquet   image_id, path, label, split, width, height, bytes, format, status
+    errors/part-NNNNN.parquet     image_id, path, label, stage, reason, retryable (every shard writes one;
+                                  part-listing.parquet holds the files the listing could not take as images)
+    _shards/part-NNNNN.json       per-shard stats (`records.ShardStats`); written last, it marks the shard done
+    model/                        pca_model.npz + pca_model.json; the model artifact (models.artifact's files)
+    _fruitpipe_run.json           run marker: identity (fingerprint, listing digest, ...), state and lease
+    model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json (written last, withdrawn first)
+    evaluation/evaluation.json, evaluation/test_run/, report/index.html (written later, by evaluate and report)
 
 The lifecycle: a run claims OUT before it changes anything in it (the run marker says `in_progress` and holds the
 run's lease), withdraws manifest.json, writes its outputs, then commits: manifest.json last, then the marker says
@@ -16,24 +34,77 @@ run that lost its folder never commits.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from fruitpipe import sinks
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.storage import Location, exists, locate, remove_tree, seconds_from_env
+from fruitpipe.models.artifact import (
+    ARTIFACT_JSON,
+    ARTIFACT_ONNX,
+    ModelArtifact,
+    load_artifact,
+    write_artifact,
+)
+from fruitpipe.records import ImageRow, ShardStats, records_digest
+from fruitpipe.storage import (
+    Location,
+    exists,
+    list_names,
+    locate,
+    read_bytes,
+    remove_tree,
+    seconds_from_env,
+    with_retries,
+    write_bytes,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-    import pyarrow as pa
+
+    from fruitpipe.pca import PcaModel
+
+# The tables of a run, one folder of Parquet parts each (also the names `table` and RunResult.arrow take).
+FEATURES = "features"
+PCA = "pca"
+METADATA = "metadata"
+ERRORS = "errors"
+TABLES = (FEATURES, PCA, METADATA, ERRORS)
+# Every other path of the layout, relative to OUT.
+RUN_MARKER = "_fruitpipe_run.json"
+MANIFEST = "manifest.json"
+MODEL_INFO = "model_info/model_info.json"
+CONFIG_YAML = "config.yaml"
+VARIANCE_CSV = "variance.csv"
+SHARD_STATS = "_shards"
+MODEL = "model"
+PCA_MODEL_NPZ = f"{MODEL}/pca_model.npz"
+PCA_MODEL_JSON = f"{MODEL}/pca_model.json"
+LISTING_ERRORS = f"{ERRORS}/part-listing.parquet"
+CSV_COPIES = {PCA: "csv/pca.csv", METADATA: "csv/metadata.csv", ERRORS: "csv/errors.csv",
+              FEATURES: "csv/features.csv"}
+# Vector tables spread into one CSV column per dimension: the column and the prefix of the numbered columns.
+_CSV_VECTORS = {PCA: ("pca", "pc"), FEATURES: ("features", "f")}
+EVALUATION_JSON = "evaluation/evaluation.json"
+EVALUATION_RUN = "evaluation/test_run"
+REPORT_HTML = "report/index.html"
+_PART = re.compile(r"^part-(\d{5,})\.json$")
+# storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
+_PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 IN_PROGRESS = "in_progress"
 FINISHED = "finished"
@@ -55,7 +126,7 @@ def heartbeat_s() -> float:
 def read_marker(out: Location) -> dict[str, Any] | None:
     """The run marker of OUT, or None where there is none."""
     try:
-        return sinks.read_json(out, sinks.RUN_MARKER)
+        return sinks.read_json(out, RUN_MARKER)
     except FileNotFoundError:
         return None
 
@@ -66,11 +137,11 @@ def require_finished(run_dir: str) -> Location:
     out = locate(run_dir)
     try:
         marker = read_marker(out)
-        has_manifest = exists(out, out.join(sinks.MANIFEST))
+        has_manifest = exists(out, out.join(MANIFEST))
     except OSError as exc:
         raise FruitpipeError(f"cannot read run folder {run_dir}: {exc.strerror or exc}") from None
     if marker is None and not has_manifest:
-        raise FruitpipeError(f"{run_dir} is not a fruitpipe run folder (no {sinks.MANIFEST}); "
+        raise FruitpipeError(f"{run_dir} is not a fruitpipe run folder (no {MANIFEST}); "
                              "give the output folder of a finished `fruitpipe run`")
     if has_manifest and (marker or {}).get("state") != IN_PROGRESS:
         return out
@@ -97,13 +168,6 @@ def refuse_nested(source: str, output: str) -> None:
     if src_path.startswith(out_path.rstrip("/") + "/"):
         raise FruitpipeError(f"source {source} is inside the output {output}: the run would write among its images "
                              "and --overwrite would delete them; choose an output outside the source")
-
-
-def check_not_held(marker: dict[str, Any], output: str) -> None:
-    """Refuse OUT while another run holds a fresh lease on it, naming that run; nothing is touched."""
-    lease = marker.get("lease")
-    if lease and not _gone(lease):
-        raise _held_by(output, lease)
 
 
 def _held_by(output: str, lease: dict[str, Any]) -> FruitpipeError:
@@ -152,11 +216,22 @@ def _process_alive(pid: int, started: str | None) -> bool:
     return True
 
 
-class RunFolder:
-    """One run's hold on its output folder: `claim` it, `record` what it holds, `commit` the manifest.
+@dataclass(frozen=True)
+class ShardTables:
+    """The three parts a shard task writes before its stats file."""
 
-    Use as a context manager around the run: leaving it without a commit (an error, Ctrl-C) releases the lease and
-    leaves the folder marked in progress, for the next run to finish.
+    features: pa.Table
+    metadata: pa.Table
+    errors: pa.Table
+
+
+class RunFolder:
+    """The run folder OUT: its lease and lifecycle (`check`, `claim`, `commit`), shard writes and resume
+    (`write_shard`, `completed_shards`), and typed readers of a finished run (open it with `finished`).
+
+    Use as a context manager around a run: leaving it without a commit (an error, Ctrl-C) releases the lease and
+    leaves the folder marked in progress, for the next run to finish. Executors build their own from the output
+    URI (`RunFolder(output)` only locates it), so no filesystem crosses a fork.
     """
 
     def __init__(self, output: str) -> None:
@@ -168,6 +243,12 @@ class RunFolder:
         self._stop = threading.Event()
         self._beats: threading.Thread | None = None
 
+    @classmethod
+    def finished(cls, run_dir: str) -> RunFolder:
+        """The folder of a finished run, for reading; refused (one line) while a run writes it or after one broke."""
+        require_finished(run_dir)
+        return cls(run_dir)
+
     def __enter__(self) -> RunFolder:
         return self
 
@@ -175,12 +256,65 @@ class RunFolder:
                  trace: TracebackType | None) -> None:
         self._release()
 
-    def claim(self, identity: dict[str, Any], replacing: bool) -> None:
-        """Take the lease, mark the folder in progress and withdraw its manifest, before anything else changes.
+    def uri(self, path: str = "") -> str:
+        """Where `path` (a layout name, or the folder itself) is, as a user would type it."""
+        return self._out.uri(self._out.join(path) if path else self._out.path)
 
-        `identity` (fingerprint, listing digest, ...) goes into the marker, except when `replacing` a run: its
-        identity stays until `record`, so an --overwrite cut short still refuses a plain re-run.
+    # -- the driver's lifecycle ----------------------------------------------------------------------------------
+
+    def check(self, identity: Mapping[str, Any], overwrite: bool) -> None:
+        """Before anything is written: refuse a folder holding something else, one another run holds, or (unless
+        `overwrite`) a run of another configuration or over another set of images (the source changed since),
+        rather than mix the two. `identity` holds fingerprint, model, source, images and listing_sha256."""
+        try:
+            if self._out.call("isfile", self._out.path):
+                raise FruitpipeError(f"output {self.output} is a file; choose a folder")
+            names = list_names(self._out, self._out.path)
+        except OSError as exc:
+            raise FruitpipeError(f"cannot use output {self.output}: {exc.strerror or exc}") from None
+        if not names:
+            return
+        if RUN_MARKER not in names:
+            raise FruitpipeError(f"output {self.output} already holds files that are not a fruitpipe run; "
+                                 "choose an empty or new folder")
+        marker = sinks.read_json(self._out, RUN_MARKER)
+        lease = marker.get("lease")
+        if lease and not _gone(lease):
+            raise _held_by(self.output, lease)
+        if overwrite:
+            return
+        if marker.get("fingerprint") != identity.get("fingerprint"):
+            raise FruitpipeError(f"output {self.output} holds a run with another configuration "
+                                 f"(model {marker.get('model')}, source {marker.get('source')}); "
+                                 "use --overwrite to replace it or choose another output")
+        if marker.get("listing_sha256") != identity.get("listing_sha256"):
+            raise FruitpipeError(f"output {self.output} holds a run over other images ({marker.get('images')} "
+                                 f"then, {identity.get('images')} now: the source changed); use --overwrite to "
+                                 "start afresh or choose another output")
+
+    def claim(self, identity: Mapping[str, Any], replacing: bool) -> None:
+        """Check OUT again (another run may have written it since), take the lease, mark the folder in progress and
+        withdraw its manifest, before anything else changes; then clear it when `replacing` a run, else delete the
+        temp files of writers killed mid-write.
+
+        `identity` goes into the marker, except when replacing: the old run's identity stays until the clear is
+        done, so an --overwrite cut short still refuses a plain re-run and can be redone.
         """
+        self.check(identity, replacing)
+        try:
+            self._take_lease(identity, replacing)
+            if replacing:
+                for name in list_names(self._out, self._out.path):
+                    if name != RUN_MARKER:
+                        with contextlib.suppress(FileNotFoundError):  # e.g. the heartbeat's temp marker, renamed
+                            remove_tree(self._out, self._out.join(name))
+                self._record(identity)
+            else:
+                self._remove_partial_writes()
+        except OSError as exc:
+            raise FruitpipeError(f"cannot write to output {self.output}: {exc.strerror or exc}") from None
+
+    def _take_lease(self, identity: Mapping[str, Any], replacing: bool) -> None:
         interval = heartbeat_s()
         current = read_marker(self._out)
         held = (current or {}).get("lease")
@@ -202,27 +336,228 @@ class RunFolder:
         if winner is not None:
             self._lease = None
             raise _held_by(self.output, winner)
-        remove_tree(self._out, self._out.join(sinks.MANIFEST))
+        remove_tree(self._out, self._out.join(MANIFEST))
         self._stop.clear()
         self._beats = threading.Thread(target=self._beat, args=(interval,), name="fruitpipe-lease", daemon=True)
         self._beats.start()
 
-    def record(self, identity: dict[str, Any]) -> None:
+    def _record(self, identity: Mapping[str, Any]) -> None:
         """The marker's identity once the folder holds nothing of another run."""
         with self._lock:
             self._require_held()
             self._marker = {**identity, "state": IN_PROGRESS}
             self._write_marker()
 
-    def commit(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest, last, if this run still holds the folder; then mark it finished and release it."""
+    def _remove_partial_writes(self) -> None:
+        """Delete the temp files killed writers left in a local run folder.
+
+        Readers already skip them (hidden names, not `.parquet`); removing them keeps the folder clean. Object
+        stores need nothing: an object is written in one PUT or not at all.
+        """
+        if not self._out.is_local:
+            return
+        for directory, _, names in os.walk(self._out.path):
+            for name in names:
+                if _PARTIAL_WRITE.match(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(directory, name))
+
+    def commit(self, manifest: dict[str, Any], model_info: dict[str, Any] | None = None,
+               config_yaml: str | None = None) -> None:
+        """Write model_info and the resolved config (when given), then the manifest, last, if this run still holds
+        the folder; then mark it finished and release it."""
+        if model_info is not None:
+            sinks.write_json(self._out, MODEL_INFO, model_info)
+        if config_yaml is not None:
+            write_bytes(self._out, self._out.join(CONFIG_YAML), config_yaml.encode())
         self._stop_beats()
         with self._lock:
             self._require_held()
-            sinks.write_json(self._out, sinks.MANIFEST, manifest)
+            sinks.write_json(self._out, MANIFEST, manifest)
             self._marker["state"] = FINISHED
             self._lease = None
             self._write_marker()
+
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        """Parts and rows of every table (from the Parquet footers), as the manifest lists them."""
+        listed = {}
+        for name in TABLES:
+            parts = [n for n in list_names(self._out, self._out.join(name)) if n.endswith(sinks.PARQUET_SUFFIX)]
+            rows = sum(sinks.parquet_rows(self._out, f"{name}/{part}") for part in parts)
+            listed[name] = {"format": "parquet", "parts": len(parts), "rows": rows}
+        return listed
+
+    @staticmethod
+    def documents(features_csv: bool) -> list[str]:
+        """The documents a run writes besides its tables, as the manifest lists them."""
+        csv_copies = [CSV_COPIES[name] for name in (PCA, METADATA, ERRORS)] + (
+            [CSV_COPIES[FEATURES]] if features_csv else [])
+        return [VARIANCE_CSV, MODEL_INFO, CONFIG_YAML, PCA_MODEL_NPZ, PCA_MODEL_JSON, f"{MODEL}/{ARTIFACT_ONNX}",
+                f"{MODEL}/{ARTIFACT_JSON}", *csv_copies]
+
+    # -- the driver's writes ---------------------------------------------------------------------------------------
+
+    def write_artifact(self, artifact: ModelArtifact, onnx: bytes) -> None:
+        write_artifact(self.uri(MODEL), artifact, onnx)
+
+    def write_listing_errors(self, table: pa.Table) -> None:
+        """The error rows of files the listing found but could not take as images."""
+        sinks.write_parquet(self._out, LISTING_ERRORS, table)
+
+    def clear(self, name: str) -> None:
+        """Delete one table's parts (PCA before a re-projection: its k may have changed)."""
+        remove_tree(self._out, self._out.join(name))
+
+    def write_pca_model(self, model: PcaModel, description: str, variance: pa.Table) -> None:
+        """The fitted PCA (npz), its description (JSON text) and the variance per component (CSV)."""
+        write_bytes(self._out, self._out.join(PCA_MODEL_NPZ), model.to_npz_bytes())
+        write_bytes(self._out, self._out.join(PCA_MODEL_JSON), description.encode())
+        sinks.write_csv(self._out, VARIANCE_CSV, variance)
+
+    def write_csv_copies(self, features_csv: bool) -> None:
+        """CSV copies of the tables (vectors spread into numbered columns); features only when asked."""
+        for name in (PCA, METADATA, ERRORS) + ((FEATURES,) if features_csv else ()):
+            table = self.table(name)
+            if name in _CSV_VECTORS:
+                table = sinks.expand_vectors(table, *_CSV_VECTORS[name])
+            sinks.write_csv(self._out, CSV_COPIES[name], table)
+
+    # -- shards: executors write them, the driver resumes and reads them ------------------------------------------
+
+    def write_shard(self, shard_id: int, tables: ShardTables, stats: Callable[[], ShardStats]) -> ShardStats:
+        """Write a shard's parts whole, then its stats file: the commit record, so a shard with stats is done.
+
+        `stats` is called between the two, so the stats can count the time the parts took to write.
+        """
+        sinks.write_parquet(self._out, _part(FEATURES, shard_id), tables.features)
+        sinks.write_parquet(self._out, _part(METADATA, shard_id), tables.metadata)
+        sinks.write_parquet(self._out, _part(ERRORS, shard_id), tables.errors)
+        record = stats()
+        sinks.write_json(self._out, _stats_path(shard_id), record.to_dict())
+        return record
+
+    def write_part(self, name: str, shard_id: int, table: pa.Table) -> None:
+        """One shard's part of a table written after extraction (pca)."""
+        sinks.write_parquet(self._out, _part(name, shard_id), table)
+
+    def part(self, name: str, shard_id: int) -> pa.Table:
+        """One shard's part of a table."""
+        return sinks.read_parquet(self._out, _part(name, shard_id))
+
+    def finished_shards(self) -> set[int]:
+        """The shards whose stats file exists now (one listing): what progress counts."""
+        names = list_names(self._out, self._out.join(SHARD_STATS))
+        return {int(match.group(1)) for match in map(_PART.match, names) if match}
+
+    def shard_stats(self, shard_id: int) -> ShardStats:
+        return ShardStats.from_dict(sinks.read_json(self._out, _stats_path(shard_id)))
+
+    def completed_shards(self, plan: Mapping[int, list[ImageRow]]) -> set[int]:
+        """The planned shards already done: stats file present and readable, every part holding the rows it says,
+        and no image left to retry (one whose load timed out).
+
+        A shard whose stats file exists but whose parts are missing, torn or disagree, or that holds images to
+        retry, is not done: its stats file is deleted, so it is redone and a run killed while redoing it cannot
+        mistake it for done.
+        """
+        candidates = sorted(set(plan) & self.finished_shards())
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            whole = dict(zip(candidates, pool.map(lambda i: self._shard_is_whole(i, plan[i]), candidates)))
+        for shard_id in candidates:
+            if not whole[shard_id]:
+                remove_tree(self._out, self._out.join(_stats_path(shard_id)))
+        return {shard_id for shard_id in candidates if whole[shard_id]}
+
+    def _shard_is_whole(self, shard_id: int, rows: list[ImageRow]) -> bool:
+        try:
+            stats = self.shard_stats(shard_id)
+            if (stats.shard_id != shard_id or stats.images != len(rows) or stats.ok + stats.failed != len(rows)
+                    or stats.images_sha256 != records_digest(rows) or stats.retryable):
+                return False
+            expected = {FEATURES: stats.ok, METADATA: stats.images, ERRORS: stats.failed}
+            return all(with_retries(lambda name=name: sinks.parquet_rows(self._out, _part(name, shard_id))) == rows
+                       for name, rows in expected.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    # -- readers of a finished run ---------------------------------------------------------------------------------
+
+    def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Every part of one table (features, pca, metadata, errors), in part order."""
+        return sinks.read_dataset(self._out, name, columns)
+
+    def manifest(self) -> dict[str, Any]:
+        return sinks.read_json(self._out, MANIFEST)
+
+    def model_info(self) -> dict[str, Any]:
+        return sinks.read_json(self._out, MODEL_INFO)
+
+    def config_text(self) -> str:
+        """The resolved configuration the run wrote (YAML)."""
+        return read_bytes(self._out, self._out.join(CONFIG_YAML)).decode()
+
+    def pca_description(self) -> dict[str, Any]:
+        """The fitted PCA's description (k, explained variance, what it was fitted on)."""
+        return sinks.read_json(self._out, PCA_MODEL_JSON)
+
+    def pca_model(self) -> PcaModel:
+        """The PCA the run fitted, to project new features without refitting."""
+        from fruitpipe.pca import PcaModel
+
+        try:
+            return PcaModel.from_npz_bytes(read_bytes(self._out, self._out.join(PCA_MODEL_NPZ)))
+        except FileNotFoundError:
+            raise FruitpipeError(f"{self.output} has no fitted PCA ({PCA_MODEL_NPZ} is missing); "
+                                 "run the same command again to rewrite it") from None
+
+    def artifact(self) -> tuple[ModelArtifact, bytes]:
+        """The model artifact the run computed its features with, and its ONNX bytes (no torch, no export)."""
+        from fruitpipe.models.specs import get_spec
+
+        try:
+            info = self.model_info()
+            if exists(self._out, self._out.join(MODEL, ARTIFACT_JSON)):
+                return load_artifact(self.uri(MODEL))
+            # A run made before model/ held model.json: model_info.json records the same fields.
+            artifact = ModelArtifact(spec=get_spec(info["model"]), input_size=int(info["image_size"]),
+                                     precision=info.get("precision", "fp32"), weights_sha256=info["weights_sha256"],
+                                     onnx_sha256=info["onnx_sha256"], weights=str(info.get("weights", "")))
+            return artifact, read_bytes(self._out, self._out.join(MODEL, ARTIFACT_ONNX))
+        except FileNotFoundError:
+            raise FruitpipeError(f"{self.output} is not a finished fruitpipe run (no model_info or model)") from None
+
+    def result(self) -> RunResult:
+        """The run's RunResult read back from its manifest and model_info, loaders included."""
+        try:
+            manifest, info = self.manifest(), self.model_info()
+        except FileNotFoundError:
+            raise FruitpipeError(f"{self.output} is not a finished fruitpipe run (no {MANIFEST} or model_info)"
+                                 ) from None
+        return RunResult(output=self.output, images_listed=manifest["images_listed"],
+                         images_ok=manifest["images_ok"], images_failed=manifest["images_failed"],
+                         shards_total=manifest["shards"], shards_resumed=manifest["shards_resumed"],
+                         pca_k=manifest["pca_k"], variance_kept=info["variance_kept"], seconds=info["seconds"],
+                         model=manifest["model"], feature_dim=info["feature_dim"], executors=info["executors"],
+                         spark_master=info.get("spark_master", ""),
+                         hidden_files_skipped=manifest.get("hidden_files_skipped", 0),
+                         images_retryable=manifest.get("images_retryable", 0))
+
+    def evaluation(self) -> dict[str, Any] | None:
+        """What `evaluate` wrote, or None before the run was evaluated."""
+        try:
+            return sinks.read_json(self._out, EVALUATION_JSON)
+        except FileNotFoundError:
+            return None
+
+    def write_evaluation(self, document: dict[str, Any]) -> None:
+        sinks.write_json(self._out, EVALUATION_JSON, document)
+
+    def write_report(self, page: str) -> str:
+        """Write the report page; returns where it is."""
+        write_bytes(self._out, self._out.join(REPORT_HTML), page.encode("utf-8"))
+        return self.uri(REPORT_HTML)
+
+    # -- the lease -------------------------------------------------------------------------------------------------
 
     def _release(self) -> None:
         """Drop the lease, if still held, leaving the folder marked in progress (a run that failed or stopped)."""
@@ -246,7 +581,7 @@ class RunFolder:
 
     def _write_marker(self) -> None:
         lease = None if self._lease is None else {**self._lease, "heartbeat_unix": time.time()}
-        sinks.write_json(self._out, sinks.RUN_MARKER, {**self._marker, **({"lease": lease} if lease else {})})
+        sinks.write_json(self._out, RUN_MARKER, {**self._marker, **({"lease": lease} if lease else {})})
 
     def _holder(self) -> dict[str, Any] | None:
         """The lease of the run that took the folder from this one (`{}`: the marker is gone); None while held."""
@@ -303,40 +638,35 @@ class RunResult:
         total = self.seconds.get("total", 0.0)
         return self.images_listed / total if total > 0 else 0.0
 
-    def _table(self, directory: str) -> pa.Table:
-        return sinks.read_dataset(require_finished(self.output), directory)
+    def _table(self, name: str) -> pa.Table:
+        return RunFolder.finished(self.output).table(name)
 
     def features(self) -> pd.DataFrame:
         """Features as pandas: key columns and a `features` column of float32 arrays."""
-        return self._table(sinks.FEATURES).to_pandas()
+        return self._table(FEATURES).to_pandas()
 
     def pca(self) -> pd.DataFrame:
-        return self._table(sinks.PCA).to_pandas()
+        return self._table(PCA).to_pandas()
 
     def metadata(self) -> pd.DataFrame:
-        return self._table(sinks.METADATA).to_pandas()
+        return self._table(METADATA).to_pandas()
 
     def errors(self) -> pd.DataFrame:
-        return self._table(sinks.ERRORS).to_pandas()
+        return self._table(ERRORS).to_pandas()
 
-    def arrow(self, directory: str) -> pa.Table:
-        """Any output folder (features, pca, metadata, errors) as an Arrow table."""
-        return self._table(directory)
+    def arrow(self, name: str) -> pa.Table:
+        """Any table (features, pca, metadata, errors) as an Arrow table."""
+        return self._table(name)
 
 
 def load_run(run_dir: str) -> RunResult:
     """A finished run's RunResult read back from its folder (local or s3://), loaders included."""
-    out = require_finished(run_dir)
-    try:
-        manifest = sinks.read_json(out, sinks.MANIFEST)
-        info = sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json")
-    except FileNotFoundError:
-        raise FruitpipeError(f"{run_dir} is not a finished fruitpipe run (no manifest.json or model_info)") from None
-    return RunResult(output=run_dir, images_listed=manifest["images_listed"], images_ok=manifest["images_ok"],
-                     images_failed=manifest["images_failed"], shards_total=manifest["shards"],
-                     shards_resumed=manifest["shards_resumed"], pca_k=manifest["pca_k"],
-                     variance_kept=info["variance_kept"], seconds=info["seconds"], model=manifest["model"],
-                     feature_dim=info["feature_dim"], executors=info["executors"],
-                     spark_master=info.get("spark_master", ""),
-                     hidden_files_skipped=manifest.get("hidden_files_skipped", 0),
-                     images_retryable=manifest.get("images_retryable", 0))
+    return RunFolder.finished(run_dir).result()
+
+
+def _part(name: str, shard_id: int) -> str:
+    return f"{name}/part-{shard_id:05d}{sinks.PARQUET_SUFFIX}"
+
+
+def _stats_path(shard_id: int) -> str:
+    return f"{SHARD_STATS}/part-{shard_id:05d}.json"

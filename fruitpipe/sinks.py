@@ -1,15 +1,8 @@
-"""The run folder's layout and its writers: Parquet shards, CSV copies, JSON documents, all written whole.
+"""How fruitpipe's files are encoded: the tables' Arrow schemas, Parquet parts, CSV copies and JSON documents,
+each written whole through fruitpipe.storage.
 
-Layout of OUT:
-    features/part-NNNNN.parquet   image_id, path, label, label_index, split, features (list<float32>[D])
-    pca/part-NNNNN.parquet        image_id, path, label, label_index, split, pca (list<float32>[k])
-    metadata/part-NNNNN.parquet   image_id, path, label, split, width, height, bytes, format, status
-    errors/part-NNNNN.parquet     image_id, path, label, stage, reason, retryable (every shard writes one)
-    _shards/part-NNNNN.json       per-shard stats; its presence marks the shard done (resume)
-    model/                        pca_model.npz + pca_model.json; the model artifact (feature_extractor.onnx + model.json)
-    _fruitpipe_run.json           run marker: fingerprint, listing digest, state (in_progress / finished) and, while a
-                                  run holds OUT, its lease (fruitpipe.run_folder)
-    model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json (written last, withdrawn first)
+Where each file goes is the run folder's business (`fruitpipe.run_folder` names every path of the layout); this
+module only turns tables and documents into bytes and back, given a Location and a path relative to it.
 """
 
 from __future__ import annotations
@@ -19,29 +12,13 @@ import json
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from fruitpipe.storage import Location, list_names, read_bytes, read_tail, write_bytes
 
-FEATURES = "features"
-PCA = "pca"
-METADATA = "metadata"
-ERRORS = "errors"
-SHARD_STATS = "_shards"
-MODEL = "model"
-MODEL_INFO = "model_info"
-CSV = "csv"
-RUN_MARKER = "_fruitpipe_run.json"
-MANIFEST = "manifest.json"
-VARIANCE_CSV = "variance.csv"
-CONFIG_YAML = "config.yaml"
-PCA_MODEL_NPZ = "pca_model.npz"
-PCA_MODEL_JSON = "pca_model.json"
-ONNX_FILE = "feature_extractor.onnx"
-LISTING_ERRORS_PART = "part-listing.parquet"
+PARQUET_SUFFIX = ".parquet"
 PARQUET_MAGIC = b"PAR1"
 # Enough for the footer of any part fruitpipe writes (a few KB), so counting rows is one small read.
 _FOOTER_READ_BYTES = 64 * 1024
@@ -71,22 +48,18 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def part_name(shard_id: int, suffix: str = ".parquet") -> str:
-    return f"part-{shard_id:05d}{suffix}"
-
-
 def vectors_schema(column: str) -> pa.Schema:
     """Key columns plus one fixed-length float32 vector column (stored as a Parquet list)."""
     return pa.schema([*KEY_FIELDS, pa.field(column, pa.list_(pa.float32()))])
 
 
-def vectors_table(keys: pd.DataFrame, column: str, vectors: np.ndarray) -> pa.Table:
-    """A table of key columns and a [N, D] float32 matrix as a list column, built without Python loops."""
+def vectors_table(keys: pa.Table, column: str, vectors: np.ndarray) -> pa.Table:
+    """The key columns of `keys` and a [N, D] float32 matrix as a list column, built without Python loops."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     count, dimension = vectors.shape if vectors.ndim == 2 else (0, 0)
     offsets = pa.array(np.arange(count + 1, dtype=np.int32) * dimension)
     values = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
-    columns = [pa.array(keys[f.name].to_numpy(), type=f.type) for f in KEY_FIELDS]
+    columns = [keys.column(f.name).cast(f.type) for f in KEY_FIELDS]
     return pa.Table.from_arrays([*columns, values], schema=vectors_schema(column))
 
 
@@ -105,20 +78,20 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def write_parquet(out: Location, directory: str, name: str, table: pa.Table) -> None:
-    write_bytes(out, out.join(directory, name), parquet_bytes(table))
+def write_parquet(out: Location, path: str, table: pa.Table) -> None:
+    write_bytes(out, out.join(path), parquet_bytes(table))
 
 
-def read_parquet(out: Location, directory: str, name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(read_bytes(out, out.join(directory, name))))
+def read_parquet(out: Location, path: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(out, out.join(path))), columns=columns)
 
 
-def parquet_rows(out: Location, directory: str, name: str) -> int:
+def parquet_rows(out: Location, path: str) -> int:
     """Row count from the Parquet footer alone: one ranged read of the file's end (a second for a huge footer).
 
     The footer is parsed behind a stand-in for the file's leading magic; a torn file raises ValueError or OSError.
     """
-    path = out.join(directory, name)
+    path = out.join(path)
     tail = read_tail(out, path, _FOOTER_READ_BYTES)
     if len(tail) < 12 or tail[-4:] != PARQUET_MAGIC:
         raise ValueError(f"{out.uri(path)} does not end like a Parquet file")
@@ -129,10 +102,9 @@ def parquet_rows(out: Location, directory: str, name: str) -> int:
 
 
 def read_dataset(out: Location, directory: str, columns: list[str] | None = None) -> pa.Table:
-    """Every part of one output folder, concatenated in part order."""
-    names = [name for name in list_names(out, out.join(directory)) if name.endswith(".parquet")]
-    tables = [pq.read_table(io.BytesIO(read_bytes(out, out.join(directory, name))), columns=columns)
-              for name in names]
+    """Every Parquet file of one folder, concatenated in name order."""
+    names = [name for name in list_names(out, out.join(directory)) if name.endswith(PARQUET_SUFFIX)]
+    tables = [read_parquet(out, f"{directory}/{name}", columns) for name in names]
     if not tables:
         raise FileNotFoundError(f"no Parquet parts in {out.uri(out.join(directory))}")
     return pa.concat_tables(tables, promote_options="default")

@@ -1,7 +1,12 @@
 """Everything that touches Spark: the session, and the three distributed stages of a run.
 
-1. extract: one partition per shard, image rows streamed into `mapInPandas` as Arrow batches; each task
-   decodes, runs ONNX Runtime (model bytes from a broadcast) and writes its shard whole.
+1. extract: one task per shard, `parallelize(shards).map(process_shard)`: each task gets its shard's ImageRows
+   (pickled), decodes, runs its runtime (model bytes from a broadcast) and writes its shard whole. Measured against
+   the `mapInPandas` version it replaced (rows as a DataFrame streamed to the tasks as Arrow batches, stats back
+   as JSON strings), same 600 demo images, 12 shards of 50, mobilenet_v2 random weights at 64 px, local[2],
+   three interleaved rounds in one script: parallelize.map 3.1 / 4.8 / 5.3 s, mapInPandas 6.1 / 8.5 / 10.1 s.
+   The shards are already grouped on the driver, so the DataFrame only added a schema, a JVM round trip per row
+   and a regrouping in the task; the typed rows and stats now cross the boundary as they are.
 2. gram: each task reads some feature shards and returns their PCA sufficient statistics.
 3. project: each task reads a feature shard and writes its PCA shard.
 Features are materialised by stage 1, so the CNN runs once per image however many actions follow.
@@ -10,7 +15,6 @@ Features are materialised by stage 1, so the CNN runs once per image however man
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -22,16 +26,15 @@ from collections.abc import Iterator
 from importlib import resources
 
 import numpy as np
-import pandas as pd
 
 from fruitpipe import sinks
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import IMAGE_COLUMNS, IMAGE_SCHEMA, ExtractionSettings, process_shard, shard_records
+from fruitpipe.extract import ExtractionSettings, process_shard
 from fruitpipe.pca import GramStatistics, PcaModel
-from fruitpipe.storage import locate
+from fruitpipe.records import ImageRow, ShardStats
+from fruitpipe.run_folder import FEATURES, PCA, RunFolder
 
 _LOCAL_MASTER = re.compile(r"^local(\[(\*|\d+)\])?$")
-STATS_SCHEMA = "shard_id long, stats string"
 TASK_RETRIES = 4
 MASTER_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_MASTER = "local[*]"
@@ -321,27 +324,22 @@ def task_slots(spark) -> int:
     return max(1, int(spark.sparkContext.defaultParallelism))
 
 
-def run_extraction(spark, shards: dict[int, list[dict]], settings: ExtractionSettings, onnx_bytes: bytes) -> list[dict]:
-    """Stage 1: process the given shards (one Spark partition each); returns their stats."""
+def run_extraction(spark, shards: dict[int, list[ImageRow]], settings: ExtractionSettings,
+                   onnx_bytes: bytes) -> list[ShardStats]:
+    """Stage 1: process the given shards (one Spark task each); returns their stats."""
     if not shards:
         return []
     context = spark.sparkContext
     model_broadcast = context.broadcast(onnx_bytes)
     shard_ids = sorted(shards)
-    rows = context.parallelize([shards[i] for i in shard_ids], numSlices=len(shard_ids)).flatMap(lambda rows: rows)
-    images = spark.createDataFrame(rows.map(lambda r: tuple(r[c] for c in IMAGE_COLUMNS)),
-                                   schema=IMAGE_SCHEMA)
 
-    def extract_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for shard_id, records in shard_records(batches).items():
-            stats = process_shard(shard_id, records, settings, lambda: model_broadcast.value)
-            yield pd.DataFrame({"shard_id": [shard_id], "stats": [json.dumps(stats)]})
+    def extract(shard: tuple[int, list[ImageRow]]) -> ShardStats:
+        return process_shard(shard[0], shard[1], settings, lambda: model_broadcast.value)
 
     try:
-        collected = images.mapInPandas(extract_partition, schema=STATS_SCHEMA).collect()
+        return context.parallelize([(i, shards[i]) for i in shard_ids], numSlices=len(shard_ids)).map(extract).collect()
     finally:
         model_broadcast.unpersist()
-    return [json.loads(row["stats"]) for row in collected]
 
 
 def run_gram(spark, output: str, shard_ids: list[int], shift: np.ndarray) -> GramStatistics:
@@ -349,11 +347,10 @@ def run_gram(spark, output: str, shard_ids: list[int], shift: np.ndarray) -> Gra
     partitions = min(len(shard_ids), task_slots(spark))
 
     def gram_partition(ids: Iterator[int]) -> Iterator[GramStatistics]:
-        out = locate(output)
+        folder = RunFolder(output)
         statistics = GramStatistics.empty(shift)
         for shard_id in ids:
-            table = sinks.read_parquet(out, sinks.FEATURES, sinks.part_name(shard_id))
-            statistics.update(sinks.vectors_matrix(table, "features"))
+            statistics.update(sinks.vectors_matrix(folder.part(FEATURES, shard_id), "features"))
         yield statistics
 
     total = GramStatistics.empty(shift)
@@ -363,15 +360,14 @@ def run_gram(spark, output: str, shard_ids: list[int], shift: np.ndarray) -> Gra
 
 
 def run_projection(spark, output: str, shard_ids: list[int], model: PcaModel) -> int:
-    """Stage 3: write pca/part-N for every feature shard; returns the number of rows projected."""
+    """Stage 3: write the PCA part of every feature shard; returns the number of rows projected."""
     model_broadcast = spark.sparkContext.broadcast(model)
 
     def project(shard_id: int) -> int:
-        out = locate(output)
-        table = sinks.read_parquet(out, sinks.FEATURES, sinks.part_name(shard_id))
+        folder = RunFolder(output)
+        table = folder.part(FEATURES, shard_id)
         projected = model_broadcast.value.transform(sinks.vectors_matrix(table, "features"))
-        keys = table.drop_columns(["features"]).to_pandas()
-        sinks.write_parquet(out, sinks.PCA, sinks.part_name(shard_id), sinks.vectors_table(keys, "pca", projected))
+        folder.write_part(PCA, shard_id, sinks.vectors_table(table, "pca", projected))
         return table.num_rows
 
     try:

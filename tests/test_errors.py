@@ -16,8 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from fruitpipe import sinks
-from fruitpipe.storage import NoSpaceLeft, StorageUnavailable, locate, unavailable_reported, write_bytes
+from fruitpipe import run_folder
+from fruitpipe.storage import (
+    NoSpaceLeft,
+    StorageUnavailable,
+    locate,
+    unavailable_reported,
+    write_bytes,
+)
 
 FRUITPIPE = str(Path(sys.executable).with_name("fruitpipe"))
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYPLANTED0SECRET"
@@ -65,11 +71,11 @@ def _run_copy(change: Callable[[Path], None]) -> Callable[[Path, Path, Path], No
 
 
 def _without_pca_model(run: Path) -> None:
-    (run / sinks.MODEL / sinks.PCA_MODEL_NPZ).unlink()
+    (run / run_folder.PCA_MODEL_NPZ).unlink()
 
 
 def _torn_pca_part(run: Path) -> None:
-    part = sorted((run / sinks.PCA).glob("part-*.parquet"))[0]
+    part = sorted((run / run_folder.PCA).glob("part-*.parquet"))[0]
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
 
 
@@ -137,7 +143,7 @@ def test_ctrl_c_during_a_run_is_one_line_and_exit_130(demo_root, cache_dir, tmp_
                                 "--shard-size", "2", "--pca-k", "3", "--quiet"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: (out / sinks.FEATURES).is_dir() or process.poll() is not None, 240, "extraction to start")
+        _wait_for(lambda: (out / run_folder.FEATURES).is_dir() or process.poll() is not None, 240, "extraction to start")
         assert process.poll() is None, process.communicate()[1][-3000:]
         os.killpg(process.pid, signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
@@ -146,7 +152,7 @@ def test_ctrl_c_during_a_run_is_one_line_and_exit_130(demo_root, cache_dir, tmp_
             os.killpg(process.pid, signal.SIGKILL)
     finished = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     _one_line(finished, EXIT_INTERRUPTED, "fruitpipe: interrupted; run the same command again to resume")
-    assert not (out / sinks.MANIFEST).exists()
+    assert not (out / run_folder.MANIFEST).exists()
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ from fruitpipe.cli import main
 from fruitpipe.config import build_config
 from fruitpipe.dataset import list_split
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import records_digest
 from fruitpipe.inventory import build_inventory
-from fruitpipe.sinks import RUN_MARKER
+from fruitpipe.records import records_digest
+from fruitpipe.run_folder import RUN_MARKER
 from tests.support.images import bmp as _bmp
 
 

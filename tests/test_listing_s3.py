@@ -9,7 +9,7 @@ import pytest
 
 from fruitpipe import pipeline, storage
 from fruitpipe.dataset import list_split
-from fruitpipe.extract import records_digest
+from fruitpipe.records import records_digest
 from tests.support.images import bmp as _bmp
 from tests.support.s3 import create_bucket
 

@@ -13,7 +13,8 @@ import yaml
 from sklearn.decomposition import PCA
 
 from fruitpipe.config import build_config
-from fruitpipe.pipeline import load_pca_model, run, transform
+from fruitpipe.pipeline import run, transform
+from fruitpipe.run_folder import RunFolder
 from tests.support.compare import vectors as _vectors
 
 pytestmark = pytest.mark.spark
@@ -67,7 +68,7 @@ def test_pca_equals_scikit_learn_on_the_run_features(finished_run):
     pca = finished_run.pca().set_index("image_id").loc[features["image_id"]]
     matrix = _vectors(features, "features").astype(np.float64)
     reference = PCA(n_components=10, svd_solver="full").fit(matrix)
-    model = load_pca_model(finished_run.output)
+    model = RunFolder.finished(finished_run.output).pca_model()
     np.testing.assert_allclose(model.explained_variance_ratio, reference.explained_variance_ratio_, atol=1e-6)
     ours, expected = _vectors(pca, "pca"), reference.transform(matrix)
     signs = np.sign(np.sum(ours * expected, axis=0))

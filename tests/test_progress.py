@@ -10,22 +10,25 @@ import shutil
 import threading
 import time
 
+import pyarrow as pa
 import pytest
 
 import fruitpipe
-from fruitpipe import sinks
 from fruitpipe.progress import ExtractionProgress
-from fruitpipe.storage import locate
+from fruitpipe.records import ShardStats
+from fruitpipe.run_folder import RunFolder, ShardTables
 from tests.support.moto_server import MotoServer
 
 SHARDS = {0: 20, 1: 20, 2: 15}
 
 
 def _finish_shard(output: str, shard_id: int, failed: int) -> None:
-    """What a shard task writes last: its stats file."""
+    """What a shard task writes: its parts (empty here) and, last, its stats file."""
     images = SHARDS[shard_id]
-    sinks.write_json(locate(output), f"{sinks.SHARD_STATS}/{sinks.part_name(shard_id, '.json')}",
-                     {"shard_id": shard_id, "images": images, "ok": images - failed, "failed": failed})
+    empty = pa.table({"image_id": pa.array([], pa.string())})
+    RunFolder(output).write_shard(shard_id, ShardTables(empty, empty, empty),
+                                  lambda: ShardStats(shard_id=shard_id, images=images, ok=images - failed,
+                                                     failed=failed, feature_dim=0, images_sha256=""))
 
 
 def _wait_until(condition, timeout_s: float = 10.0) -> None:

@@ -21,11 +21,10 @@ import pyarrow as pa
 import yaml
 
 from fruitpipe import sinks
-from fruitpipe.evaluate import EVALUATION_JSON, METHOD_TITLES, METHODS
+from fruitpipe.evaluate import METHOD_TITLES, METHODS
 from fruitpipe.report import figures
-from fruitpipe.storage import locate, read_bytes, write_bytes
+from fruitpipe.run_folder import ERRORS, METADATA, PCA, RunFolder
 
-REPORT_HTML = "report/index.html"
 SCATTER_SAMPLE = 5000
 ERROR_ROWS = 200
 
@@ -46,33 +45,24 @@ class RunDocuments:
 
 def load_documents(run_dir: str) -> RunDocuments:
     """Read a finished run's documents and the report's columns of its datasets."""
-    from fruitpipe.run_folder import load_run
-
-    load_run(run_dir)
-    out = locate(run_dir)
-    try:
-        evaluation = sinks.read_json(out, EVALUATION_JSON)
-    except FileNotFoundError:
-        evaluation = None
+    folder = RunFolder.finished(run_dir)
+    folder.result()  # one clear line, rather than a missing file, when the manifest or model_info is gone
     return RunDocuments(
-        manifest=sinks.read_json(out, sinks.MANIFEST),
-        model_info=sinks.read_json(out, f"{sinks.MODEL_INFO}/model_info.json"),
-        pca_model=sinks.read_json(out, f"{sinks.MODEL}/{sinks.PCA_MODEL_JSON}"),
-        config_text=read_bytes(out, out.join(sinks.CONFIG_YAML)).decode(),
-        metadata=sinks.read_dataset(out, sinks.METADATA, columns=["label", "status"]),
-        errors=sinks.read_dataset(out, sinks.ERRORS),
-        pca=sinks.read_dataset(out, sinks.PCA, columns=["label", "pca"]),
-        evaluation=evaluation,
+        manifest=folder.manifest(),
+        model_info=folder.model_info(),
+        pca_model=folder.pca_description(),
+        config_text=folder.config_text(),
+        metadata=folder.table(METADATA, columns=["label", "status"]),
+        errors=folder.table(ERRORS),
+        pca=folder.table(PCA, columns=["label", "pca"]),
+        evaluation=folder.evaluation(),
     )
 
 
 def build_report(run_dir: str) -> str:
     """Write RUN_DIR/report/index.html and return where it is (a path or URI)."""
     documents = load_documents(run_dir)
-    page = render(documents, run_dir)
-    out = locate(run_dir)
-    write_bytes(out, out.join(REPORT_HTML), page.encode("utf-8"))
-    return out.uri(out.join(REPORT_HTML))
+    return RunFolder(run_dir).write_report(render(documents, run_dir))
 
 
 def render(documents: RunDocuments, run_dir: str) -> str:
