@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +43,6 @@ _MASTER_PATTERN = re.compile(r"^(local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|yarn
 # Spark settings holding a JVM size; a malformed one stops the JVM before fruitpipe could explain it.
 _MEMORY_SETTING = re.compile(r"^spark\.(driver|executor)\.(memory|memoryOverhead)$|^spark\.driver\.maxResultSize$")
 _MEMORY_SIZE = re.compile(r"^\d+([kmgtp]b?|b)?$", re.IGNORECASE)
-_TYPE_NAMES = {int: "an integer", (int, float): "a number", bool: "true or false", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,8 @@ def _shown(value: object) -> str:
 
 def _check_spark_conf(settings: Mapping[str, Any]) -> None:
     """Spark settings must be scalars, and JVM sizes well formed (a bad size stops the JVM with Java's own lines)."""
+    if not isinstance(settings, Mapping):
+        raise FruitpipeError("spark_conf must be a mapping of Spark setting: value")
     for key, value in dict(settings).items():
         if isinstance(value, (Mapping, list, tuple, set)) or value is None:
             raise FruitpipeError(f"Spark setting {key} must be a single value, got {_kind(value)}")
@@ -206,7 +209,47 @@ def _check_spark_conf(settings: Mapping[str, Any]) -> None:
             raise FruitpipeError(f"Spark setting {key} must be a size such as 4g or 512m, got {_shown(str(value))}")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+def _without_none(hint: Any) -> Any:
+    """`X | None` as X: None always means "not given", so only X is ever checked."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
+# What a value of each field type must be, and that type in words (messages name types, never values). A mapping
+# is checked by the validate() rule that owns its field, which can say what its keys are (_check_spark_conf).
+_TYPE_CHECKS: dict[Any, tuple[Callable[[object], bool], str]] = {
+    int: (_is_int, "an integer"),
+    float: (_is_number, "a number"),
+    bool: (lambda value: isinstance(value, bool), "true or false"),
+    str: (lambda value: isinstance(value, str), "a string"),
+    tuple[str, ...]: (_is_strings, "a string or a list of strings"),
+}
+_CHECKED_IN_VALIDATE = {Mapping[str, str]}
+
+
+def _field_types() -> dict[str, Any]:
+    """Each RunConfig field's type without None, read from the dataclass itself: the YAML loader, the keyword API
+    and the CLI check and name values from this, so a new field needs no other edit, and a field of a type no
+    check knows fails here, at import, instead of going unchecked."""
+    hints = typing.get_type_hints(RunConfig)
+    kinds = {f.name: _without_none(hints[f.name]) for f in dataclasses.fields(RunConfig)}
+    unknown = {name: kind for name, kind in kinds.items() if kind not in _TYPE_CHECKS and kind not in
+               _CHECKED_IN_VALIDATE}
+    if unknown:
+        raise TypeError(f"RunConfig fields of a type fruitpipe.config cannot check: {unknown}")
+    return kinds
+
+
+FIELD_TYPES = _field_types()
 
 
 def load_yaml(path: str | None) -> dict[str, Any]:
@@ -231,25 +274,36 @@ def load_yaml(path: str | None) -> dict[str, Any]:
     return data
 
 
+def resolve_config(file: str | None, overrides: Mapping[str, Any], *,
+                   defaults: Mapping[str, Any] | None = None) -> RunConfig:
+    """The one way the CLI, the Python API and `emr upload` make a RunConfig: the YAML file as defaults, non-None
+    overrides (flags, keywords) on top, validated. `defaults` fill what the file leaves unset or empty."""
+    file_values = load_yaml(file)
+    filled = {key: value for key, value in (defaults or {}).items() if not file_values.get(key)}
+    return build_config({**file_values, **filled}, overrides)
+
+
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
-    """File values as defaults, non-None overrides on top; unknown keys and wrong types are clear errors."""
+    """File values as defaults, non-None overrides on top (a mapping override adds to the file's mapping);
+    unknown keys and wrong types are clear errors."""
     merged: dict[str, Any] = {}
     for key, value in file_values.items():
         if key == "emr":
             continue
         normalised = key.replace("-", "_")
-        if normalised not in _FIELDS:
-            raise FruitpipeError(f"unknown option {key!r} in config file; known: {', '.join(sorted(_FIELDS))}")
+        if normalised not in FIELD_TYPES:
+            raise FruitpipeError(f"unknown option {key!r} in config file; known: {', '.join(sorted(FIELD_TYPES))}")
         merged[normalised] = value
-    merged.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():
+        if value is not None:
+            below = merged.get(key)
+            merged[key] = {**below, **value} if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    _check_types(merged)
     for key in ("source", "output"):
         merged[key] = absolute_if_local(merged.get(key) or "")
-    if "classes" in merged:
-        classes = merged["classes"]
-        merged["classes"] = (classes,) if isinstance(classes, str) else tuple(classes or ())
-    if "spark_conf" in merged and not isinstance(merged["spark_conf"], Mapping):
-        raise FruitpipeError("spark_conf must be a mapping of Spark setting: value")
-    _check_types(merged)
+    for key, value in merged.items():
+        if FIELD_TYPES[key] == tuple[str, ...]:
+            merged[key] = (value,) if isinstance(value, str) else tuple(value or ())
     return RunConfig(**merged).validate()
 
 
@@ -269,20 +323,10 @@ def absolute_if_local(location: str) -> str:
 
 def _check_types(values: Mapping[str, Any]) -> None:
     """Refuse a value of the wrong type by naming the types only: the value may be a mapping holding secrets."""
-    expected = {"batch_size": int, "shard_size": int, "threads_per_task": int, "per_class": int, "limit": int,
-                "image_size": int, "pca_k": int, "pca_variance": (int, float), "read_timeout_s": (int, float),
-                "read_attempts": int, "runtime": str,
-                "features_csv": bool, "overwrite": bool, "quiet": bool, "source": str, "output": str,
-                "mode": str, "split": str, "model": str, "weights": str, "precision": str, "model_file": str, "master": str,
-                "cache_dir": str}
-    for key, kind in expected.items():
-        value = values.get(key)
-        if value is None:
-            continue
-        wrong_bool = isinstance(value, bool) and kind in (int, (int, float))
-        if wrong_bool or not isinstance(value, kind):
-            raise FruitpipeError(f"option {key} has the wrong type: must be {_TYPE_NAMES[kind]}, "
-                                 f"got {_kind(value)}")
+    for key, kind in FIELD_TYPES.items():
+        value, check = values.get(key), _TYPE_CHECKS.get(kind)
+        if value is not None and check is not None and not check[0](value):
+            raise FruitpipeError(f"option {key} has the wrong type: must be {check[1]}, got {_kind(value)}")
 
 
 def parse_spark_conf(pairs: list[str] | None) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from fruitpipe.config import build_config, load_yaml
+from fruitpipe.config import load_yaml, resolve_config
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra
 from fruitpipe.models.artifact import ARTIFACT_JSON, ARTIFACT_ONNX, export_artifact, load_artifact
@@ -243,10 +243,9 @@ def _model_files(config: EmrConfig, model_file: str | None, run_config: str | No
                  folder: Path) -> list[tuple[str, bytes, str]]:
     """(URI, bytes, content type) of the model artifact under the code prefix, model.json last as its commit."""
     if model_file is None:
-        values = load_yaml(run_config)
         # Where the step reads and writes unless told otherwise, as `submit` decides them.
-        settings = build_config(values, {"source": values.get("source") or config.uri(config.input_prefix),
-                                         "output": values.get("output") or config.uri(config.output_prefix)})
+        settings = resolve_config(run_config, {}, defaults={"source": config.uri(config.input_prefix),
+                                                            "output": config.uri(config.output_prefix)})
         if settings.model_file:
             model_file = settings.model_file
         elif settings.precision != "fp32":
