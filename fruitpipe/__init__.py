@@ -12,6 +12,7 @@ function needs it, so `import fruitpipe` stays light:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fruitpipe.version import __version__
@@ -36,7 +37,7 @@ def __getattr__(name: str) -> Any:
 def _config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
     import dataclasses
 
-    from fruitpipe.config import RunConfig, build_config
+    from fruitpipe.config import RunConfig, resolve_config
     from fruitpipe.errors import FruitpipeError
 
     if config is not None and options:
@@ -45,7 +46,7 @@ def _config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(options) - known)
     if unknown:
         raise FruitpipeError(f"unknown option {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return config.validate() if config is not None else build_config({}, options)
+    return config.validate() if config is not None else resolve_config(None, options)
 
 
 def run(config: RunConfig | None = None, /, **options: Any) -> RunResult:
@@ -69,16 +70,26 @@ def load_run(run_dir: str) -> RunResult:
     return load(run_dir)
 
 
-def evaluate_run(run_dir: str, test_source: str, /, **options: Any) -> dict:
+def evaluation_options(run_dir: str, test_source: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a held-out extraction: the Test split of `test_source` into RUN_DIR/evaluation/test_run unless
+    `options` say otherwise (None is not saying), so `evaluate_run` and `fruitpipe evaluate` agree."""
+    from fruitpipe.evaluate import default_work_dir
+
+    given = {key: value for key, value in options.items() if value is not None}
+    return {"split": "Test", "output": default_work_dir(run_dir), **given, "source": test_source}
+
+
+def evaluate_run(run_dir: str, test: str | RunConfig, /, **options: Any) -> dict:
     """k-NN and nearest-centroid accuracy of a run's features on held-out images (see fruitpipe.evaluate).
 
-    Options are those of `run`; by default the Test split of `test_source` is extracted into
-    RUN_DIR/evaluation/test_run and the scores are written to RUN_DIR/evaluation/evaluation.json.
+    `test` is the held-out dataset root, with options as for `run` (see `evaluation_options` for the defaults), or
+    the RunConfig of the held-out extraction itself. The scores are written to RUN_DIR/evaluation/evaluation.json.
     """
-    from fruitpipe.evaluate import default_work_dir, evaluate
+    from fruitpipe.evaluate import evaluate
 
-    defaults = {"split": "Test", "output": default_work_dir(run_dir)}
-    return evaluate(run_dir, _config(None, {**defaults, **options, "source": test_source}))
+    if isinstance(test, str):
+        return evaluate(run_dir, _config(None, evaluation_options(run_dir, test, options)))
+    return evaluate(run_dir, _config(test, options))
 
 
 def write_report(run_dir: str) -> str:

@@ -14,10 +14,15 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fruitpipe.config import MODES, PRECISIONS, RUNTIMES, SPLITS
+from fruitpipe.config import (FIELD_TYPES, MODES, PRECISIONS, RUNTIMES, SPLITS, RunConfig, parse_spark_conf,
+                              resolve_config)
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra, optional_module
+
+if TYPE_CHECKING:
+    from fruitpipe.run_folder import RunResult
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
@@ -187,25 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(args: argparse.Namespace, **fixed):
-    from fruitpipe.config import build_config, load_yaml, parse_spark_conf
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The --config file under the parsed flags that set RunConfig fields."""
+    return resolve_config(args.config, _flag_values(args))
 
-    file_values = load_yaml(args.config)
-    names = ("source", "output", "mode", "classes", "per_class", "limit", "split", "model", "weights", "image_size",
-             "precision", "model_file", "pca_k", "pca_variance", "features_csv", "overwrite", "quiet", "cache_dir", "master",
-             "threads_per_task", "batch_size", "shard_size", "read_timeout_s", "read_attempts", "runtime")
-    overrides = {name: getattr(args, name, None) for name in names}
-    if getattr(args, "spark_conf", None):
-        overrides["spark_conf"] = {**dict(file_values.get("spark_conf") or {}), **parse_spark_conf(args.spark_conf)}
-    overrides.update(fixed)
-    return build_config(file_values, overrides)
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags that set RunConfig fields, by field name (a flag's dest is its field's name)."""
+    values = {name: getattr(args, name) for name in FIELD_TYPES if hasattr(args, name)}
+    if values.get("spark_conf") is not None:
+        values["spark_conf"] = parse_spark_conf(values["spark_conf"])
+    return values
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fruitpipe.pipeline import run
+    import fruitpipe
 
-    result = run(_run_config(args))
-    return _print_summary(result)
+    return _print_summary(fruitpipe.run(_run_config(args)))
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
@@ -226,13 +229,12 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_transform(args: argparse.Namespace) -> int:
-    from fruitpipe.pipeline import transform
+    import fruitpipe
 
-    result = transform(args.run_dir, _run_config(args))
-    return _print_summary(result)
+    return _print_summary(fruitpipe.transform(args.run_dir, _run_config(args)))
 
 
-def _print_summary(result) -> int:
+def _print_summary(result: RunResult) -> int:
     """Print what a run produced; returns its exit status (EXIT_INCOMPLETE while images are left to retry)."""
     seconds = result.seconds
     to_retry = f", {result.images_retryable} to retry" if result.images_retryable else ""
@@ -250,20 +252,20 @@ def _print_summary(result) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fruitpipe.evaluate import EVALUATION_JSON, default_work_dir, evaluate, format_table
+    import fruitpipe
+    from fruitpipe.evaluate import EVALUATION_JSON, format_table
 
-    config = _run_config(args, source=args.test, output=args.work_dir or default_work_dir(args.run_dir),
-                         split=args.split or "Test")
-    document = evaluate(args.run_dir, config)
-    print(format_table(document))
+    flags = {**_flag_values(args), "output": args.work_dir}
+    config = resolve_config(args.config, fruitpipe.evaluation_options(args.run_dir, args.test, flags))
+    print(format_table(fruitpipe.evaluate_run(args.run_dir, config)))
     print(f"wrote {args.run_dir.rstrip('/')}/{EVALUATION_JSON}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fruitpipe.report import build_report
+    import fruitpipe
 
-    print(f"wrote {build_report(args.run_dir)}")
+    print(f"wrote {fruitpipe.write_report(args.run_dir)}")
     return 0
 
 
