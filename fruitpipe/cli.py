@@ -243,7 +243,9 @@ def _print_summary(result: RunResult) -> int:
     print(f"speed: {result.images_per_second:.1f} images/s end to end ({seconds['total']:.1f} s; "
           f"extract {seconds.get('extract', 0):.1f} s, PCA fit {seconds.get('pca_fit', 0):.2f} s)")
     print(f"PCA: {result.feature_dim} -> {result.pca_k} components, variance kept {result.variance_kept:.1%}")
-    print(f"outputs: {result.output} (features/, pca/, metadata/, errors/, variance.csv, manifest.json)")
+    from fruitpipe.run_folder import MANIFEST, TABLES, VARIANCE_CSV
+
+    print(f"outputs: {result.output} ({', '.join(f'{table}/' for table in TABLES)}, {VARIANCE_CSV}, {MANIFEST})")
     if result.images_retryable:
         print(f"fruitpipe: {result.images_retryable} images timed out on every attempt (the storage stalled, the "
               "images may be fine); run the same command again to retry them", file=sys.stderr)
@@ -253,7 +255,8 @@ def _print_summary(result: RunResult) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import fruitpipe
-    from fruitpipe.evaluate import EVALUATION_JSON, format_table
+    from fruitpipe.evaluate import format_table
+    from fruitpipe.run_folder import EVALUATION_JSON
 
     flags = {**_flag_values(args), "output": args.work_dir}
     config = resolve_config(args.config, fruitpipe.evaluation_options(args.run_dir, args.test, flags))

@@ -21,8 +21,7 @@ import pyarrow as pa
 from fruitpipe import sinks
 from fruitpipe.config import RunConfig
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.run_folder import (  # noqa: F401 (cli names EVALUATION_JSON from here)
-    EVALUATION_JSON,
+from fruitpipe.run_folder import (
     EVALUATION_RUN,
     FEATURES,
     PCA,

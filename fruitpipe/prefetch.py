@@ -13,10 +13,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from fruitpipe.storage import StorageUnavailable
+
+# What one load is about: an extraction's ImageRow, an inventory's file record.
+Record = TypeVar("Record")
 
 # More hung loads than this in one pass means the storage hangs, not one file.
 MAX_HUNG_READS = 8
@@ -38,10 +42,10 @@ class Loaded:
 
 
 @dataclass(eq=False)
-class Job:
+class Job(Generic[Record]):
     """One image's load as the prefetcher tracks it: which stage it is in, since when, and its result."""
 
-    record: dict
+    record: Record
     stage: str = "read"
     started: float | None = None
     result: Loaded | None = None
@@ -53,8 +57,8 @@ class HungReadsError(RuntimeError):
     """Many loads hung: the storage is at fault, not single images (a shard's task fails so Spark retries it)."""
 
 
-def prefetched(records: list[dict], load: Callable[[Job], Loaded], threads: int, window: int, timeout_s: float,
-                max_hung: int = MAX_HUNG_READS) -> Iterator[tuple[dict, Loaded]]:
+def prefetched(records: list[Record], load: Callable[[Job[Record]], Loaded], threads: int, window: int,
+               timeout_s: float, max_hung: int = MAX_HUNG_READS) -> Iterator[tuple[Record, Loaded]]:
     """Loads in input order, up to `window` ahead on `threads` daemon threads.
 
     A load running longer than timeout_s (a hung network read, a FIFO, a pathological file) becomes a failed

@@ -197,11 +197,19 @@ def choose(model_bytes: bytes, threads: int, precision: str, runtime: str, batch
 
 def _build(runtime: str, model_bytes: bytes, threads: int, precision: str, tasks_per_node: int | None,
            choice: Choice) -> Runtime:
-    if runtime == ONNXRUNTIME:
+    """The runtime loaded; bytes it cannot load (a hand-made or damaged artifact) are one line, not its traceback."""
+    kinds = {ONNXRUNTIME: OnnxRuntimeCPU, OPENVINO: OpenVinoCPU}
+    if runtime not in kinds:
+        raise FruitpipeError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+    try:
+        if runtime == OPENVINO:
+            return OpenVinoCPU(model_bytes, threads, precision, tasks_per_node, choice=choice)
         return OnnxRuntimeCPU(model_bytes, threads, precision, choice=choice)
-    if runtime == OPENVINO:
-        return OpenVinoCPU(model_bytes, threads, precision, tasks_per_node, choice=choice)
-    raise FruitpipeError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+    except FruitpipeError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise FruitpipeError(f"{runtime} cannot load the model ({len(model_bytes)} bytes): {reason}") from None
 
 
 def candidates(precision: str) -> list[str]:

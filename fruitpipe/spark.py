@@ -53,8 +53,6 @@ def effective_master(master: str) -> str:
 _SESSION_DEFAULTS = {
     "spark.ui.showConsoleProgress": "false",
     "spark.ui.enabled": "false",
-    "spark.sql.execution.arrow.pyspark.enabled": "true",
-    "spark.sql.execution.arrow.maxRecordsPerBatch": "256",
     "spark.python.worker.reuse": "true",
     "spark.sql.shuffle.partitions": "8",
     "spark.task.maxFailures": str(TASK_RETRIES),

@@ -171,11 +171,29 @@ def test_an_artifact_run_resumes_an_exporting_run_only_with_the_same_bytes(dev_r
     resumed = fruitpipe.run(model_file=str(artifact_dir), **options)
     assert resumed.shards_resumed == resumed.shards_total == dev_run.shards_total
     artifact, onnx = load_artifact(str(artifact_dir))
-    other = onnx + b"\0"
+    other = _renamed(onnx)
     write_artifact(str(tmp_path / "other"), dataclasses.replace(artifact, onnx_sha256=hashlib.sha256(other).hexdigest()),
                    other)
     with pytest.raises(FruitpipeError, match="another configuration"):
         fruitpipe.run(model_file=str(tmp_path / "other"), **options)
+
+
+def _renamed(onnx: bytes) -> bytes:
+    """The same network under another graph name: valid ONNX, other bytes."""
+    import onnx as onnx_format
+
+    model = onnx_format.load_from_string(onnx)
+    model.graph.name += "-other"
+    return model.SerializeToString()
+
+
+def test_bytes_no_runtime_can_load_are_one_line(demo_root: Path, cache_dir: str, tmp_path: Path) -> None:
+    import fruitpipe
+
+    write_artifact(str(tmp_path / "broken"), _fake_artifact(), b"not really onnx")
+    with pytest.raises(FruitpipeError, match=r"cannot load the model \(15 bytes\)"):
+        fruitpipe.run(source=str(demo_root), output=str(tmp_path / "out"), model_file=str(tmp_path / "broken"),
+                      quiet=True, cache_dir=cache_dir)
 
 
 # ---------------------------------------------------------------- unit tests (no venv, no Spark)
