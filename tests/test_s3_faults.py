@@ -166,6 +166,7 @@ def test_a_frozen_store_gives_up_in_one_line_within_its_budget(store, monkeypatc
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(20 * 300)  # each run has its own 300 s bound below; 20 runs take 10-20 min on 2 cores
 def test_short_outages_at_any_moment_never_hang_a_run(store, cache_dir, finished_run):
     """The short-outage run 20 times over, each outage at a random moment (extraction, PCA or the outputs):
     503s, then resets, then a frozen store, 1.5 to 4.5 s in all (within the runs' 6 s retry budget): every run
