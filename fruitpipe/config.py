@@ -233,23 +233,32 @@ _TYPE_CHECKS: dict[Any, tuple[Callable[[object], bool], str]] = {
     str: (lambda value: isinstance(value, str), "a string"),
     tuple[str, ...]: (_is_strings, "a string or a list of strings"),
 }
-_CHECKED_IN_VALIDATE = {Mapping[str, str]}
+_CHECKED_IN_VALIDATE = frozenset({Mapping[str, str]})
 
 
-def _field_types() -> dict[str, Any]:
-    """Each RunConfig field's type without None, read from the dataclass itself: the YAML loader, the keyword API
-    and the CLI check and name values from this, so a new field needs no other edit, and a field of a type no
-    check knows fails here, at import, instead of going unchecked."""
-    hints = typing.get_type_hints(RunConfig)
-    kinds = {f.name: _without_none(hints[f.name]) for f in dataclasses.fields(RunConfig)}
+def field_types(schema: type, checked_elsewhere: frozenset[Any] = frozenset()) -> dict[str, Any]:
+    """Each field's type without None, read from a config dataclass itself (RunConfig, the EMR section): its loader,
+    keyword API and CLI check and name values from this, so a new field needs no other edit, and a field of a type
+    no check knows fails here, at import, instead of going unchecked. `checked_elsewhere` are types a rule of the
+    schema's own checks (a mapping, whose keys only that rule can describe)."""
+    hints = typing.get_type_hints(schema)
+    kinds = {f.name: _without_none(hints[f.name]) for f in dataclasses.fields(schema)}
     unknown = {name: kind for name, kind in kinds.items() if kind not in _TYPE_CHECKS and kind not in
-               _CHECKED_IN_VALIDATE}
+               checked_elsewhere}
     if unknown:
-        raise TypeError(f"RunConfig fields of a type fruitpipe.config cannot check: {unknown}")
+        raise TypeError(f"{schema.__name__} fields of a type fruitpipe.config cannot check: {unknown}")
     return kinds
 
 
-FIELD_TYPES = _field_types()
+def check_field_types(values: Mapping[str, Any], types: Mapping[str, Any], prefix: str = "option ") -> None:
+    """Refuse a value of the wrong type by naming the types only: the value may be a mapping holding secrets."""
+    for key, kind in types.items():
+        value, check = values.get(key), _TYPE_CHECKS.get(kind)
+        if value is not None and check is not None and not check[0](value):
+            raise FruitpipeError(f"{prefix}{key} has the wrong type: must be {check[1]}, got {_kind(value)}")
+
+
+FIELD_TYPES = field_types(RunConfig, _CHECKED_IN_VALIDATE)
 
 
 def load_yaml(path: str | None) -> dict[str, Any]:
@@ -298,7 +307,7 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
         if value is not None:
             below = merged.get(key)
             merged[key] = {**below, **value} if isinstance(below, Mapping) and isinstance(value, Mapping) else value
-    _check_types(merged)
+    check_field_types(merged, FIELD_TYPES)
     for key in ("source", "output"):
         merged[key] = absolute_if_local(merged.get(key) or "")
     for key, value in merged.items():
@@ -319,14 +328,6 @@ def absolute_if_local(location: str) -> str:
     if not location or "://" in location:
         return location
     return os.path.abspath(os.path.expanduser(location))
-
-
-def _check_types(values: Mapping[str, Any]) -> None:
-    """Refuse a value of the wrong type by naming the types only: the value may be a mapping holding secrets."""
-    for key, kind in FIELD_TYPES.items():
-        value, check = values.get(key), _TYPE_CHECKS.get(kind)
-        if value is not None and check is not None and not check[0](value):
-            raise FruitpipeError(f"option {key} has the wrong type: must be {check[1]}, got {_kind(value)}")
 
 
 def parse_spark_conf(pairs: list[str] | None) -> dict[str, str]:

@@ -12,6 +12,7 @@ import yaml
 
 import fruitpipe
 from fruitpipe.cli import _run_config, build_parser
+from fruitpipe.cloud.config import EmrConfig, load_emr_config
 from fruitpipe.config import FIELD_TYPES, RunConfig, resolve_config
 from fruitpipe.errors import FruitpipeError
 
@@ -117,3 +118,19 @@ def test_a_wrong_type_is_refused_by_its_type_name(tmp_path, name):
 def test_a_boolean_is_not_a_number(name):
     with pytest.raises(FruitpipeError, match=f"option {name} has the wrong type: .* got a boolean"):
         resolve_config(None, _options(name, True))
+
+
+EMR_FIELDS = [f.name for f in dataclasses.fields(EmrConfig)]
+
+
+@pytest.mark.parametrize("name", EMR_FIELDS)
+def test_every_emr_setting_is_type_checked_from_the_same_schema(tmp_path, name):
+    """The EMR section reads its field types from EmrConfig with RunConfig's checks: a wrong type is named, the
+    value (which could be a key pasted in the wrong place) never is."""
+    kind = dataclasses.fields(EmrConfig)[EMR_FIELDS.index(name)].type
+    wrong = [SECRET] if "Mapping" in kind else ({"password": SECRET} if kind.startswith("str") else SECRET)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"emr": {name: wrong}}))
+    with pytest.raises(FruitpipeError, match=f"emr.{name} ") as refused:
+        load_emr_config(str(config), {})
+    assert SECRET not in str(refused.value)

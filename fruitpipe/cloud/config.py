@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from fruitpipe.config import check_field_types, field_types
 from fruitpipe.errors import FruitpipeError
 
 from .instances import INSTANCE_TYPES
@@ -74,19 +74,20 @@ class EmrConfig:
         return {**self.tags, PROJECT_TAG[0]: PROJECT_TAG[1]}
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(EmrConfig)}
+# The tags mapping is checked by _check_tags, which can say what its keys and values must be.
+_FIELD_TYPES = field_types(EmrConfig, checked_elsewhere=frozenset({Mapping[str, str]}))
 
 
 def load_emr_config(path: str | None, overrides: Mapping[str, Any]) -> EmrConfig:
     """Reads the `emr:` section of the YAML at ``path`` (if any), applies non-None ``overrides``, validates."""
     values: dict[str, Any] = dict(_read_section(path)) if path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - set(_FIELDS))
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
     if unknown:
-        raise FruitpipeError(f"unknown emr setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
-    for name, value in values.items():
-        _check_type(name, value)
+        raise FruitpipeError(f"unknown emr setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELD_TYPES))}")
+    check_field_types(values, _FIELD_TYPES, prefix="emr.")
     if "tags" in values:
+        _check_tags(values["tags"])
         values["tags"] = MappingProxyType({str(k): str(v) for k, v in values["tags"].items()})
     for name in ("code_prefix", "input_prefix", "output_prefix", "logs_prefix"):
         if name in values:
@@ -116,29 +117,10 @@ def _read_section(path: str) -> Mapping[str, Any]:
     return section
 
 
-def _check_type(name: str, value: Any) -> None:
-    expected = _FIELDS[name].type
-    if "bool" in expected:
-        ok = isinstance(value, bool)
-    elif "int" in expected:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif "Mapping" in expected:
-        ok = isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, (str, int, float))
-                                                for k, v in value.items())
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise FruitpipeError(f"emr.{name} must be {_describe(expected)}, not {value!r}")
-
-
-def _describe(annotation: str) -> str:
-    if "bool" in annotation:
-        return "true or false"
-    if "int" in annotation:
-        return "a whole number"
-    if "Mapping" in annotation:
-        return "a mapping of tag names to values"
-    return "a string"
+def _check_tags(tags: object) -> None:
+    if not (isinstance(tags, Mapping) and all(isinstance(key, str) and isinstance(value, (str, int, float))
+                                              for key, value in tags.items())):
+        raise FruitpipeError("emr.tags must be a mapping of tag names to values")
 
 
 def _validate(c: EmrConfig) -> None:
