@@ -55,6 +55,15 @@ class Listing:
     hidden_files: int = 0
 
 
+def split_and_class(relative_path: str) -> tuple[str, str]:
+    """Where a path relative to the source root sits: `<split>/<class>/...` when its first folder is a split
+    (Training, Test), else `<class>/...`; '' for a part it has not (a file loose in the split or the root)."""
+    parts = relative_path.split("/")
+    split = parts[0] if parts[0] in SPLITS else ""
+    in_split = parts[1:] if split else parts
+    return split, in_split[0] if len(in_split) >= 2 else ""
+
+
 def image_id_for(relative_path: str) -> str:
     """A stable id from the path relative to the source: equal for the same image on disk or in S3."""
     return hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:16]
@@ -79,19 +88,19 @@ def list_split(source: str, split: str) -> Listing:
     hidden_files = 0
     for path, entry in sorted(relative.items()):
         parts = path.split("/")
-        if has_splits and parts[0] in SPLITS and parts[0] != split:
+        path_split, label = split_and_class(path)
+        if path_split and path_split != split:
             continue
         if parts[-1].startswith(".") or (has_splits and parts[0].startswith(".")):
             hidden_files += 1  # .DS_Store, editor temp files; and .git, .cache beside the split folders
             continue
-        if has_splits and parts[0] != split:
+        if has_splits and not path_split:
             other_files.append(UnlistedFile(path, "", "not in a split folder (Training/Test)"))
             continue
-        in_split = parts[1:] if has_splits else parts
-        if len(in_split) < 2:
+        if not label:
             other_files.append(UnlistedFile(path, "", "not in a class folder"))
             continue
-        label = in_split[0]
+        in_split = parts[1:] if has_splits else parts
         hidden_folder = next((part for part in in_split[:-1] if part.startswith(".")), None)
         if hidden_folder is not None:
             other_files.append(UnlistedFile(path, label, f"in a hidden folder ({hidden_folder}): rename it to "

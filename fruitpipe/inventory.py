@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from fruitpipe import sinks
-from fruitpipe.dataset import IMAGE_SUFFIXES, SPLITS
+from fruitpipe.dataset import IMAGE_SUFFIXES, split_and_class
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import ImageDecodeError, decode_rgb, image_size
 from fruitpipe.prefetch import HungReadsError, Job, Loaded, prefetched
@@ -58,10 +58,8 @@ def _load(source: Location, job: Job) -> Loaded:
 
 
 def _row(record: dict, loaded: Loaded | None) -> dict:
-    parts = record["path"].split("/")
-    has_split = parts[0] in SPLITS and len(parts) >= 3
-    row = {"path": record["path"], "class": parts[1] if has_split else (parts[0] if len(parts) > 1 else ""),
-           "split": parts[0] if has_split else "", "bytes": record["bytes"], "width": None, "height": None,
+    split, label = split_and_class(record["path"])
+    row = {"path": record["path"], "class": label, "split": split, "bytes": record["bytes"], "width": None, "height": None,
            "format": "", "readable": False, "reason": record["problem"]}
     if loaded is not None:
         row.update(width=loaded.width or None, height=loaded.height or None, format=loaded.image_format,

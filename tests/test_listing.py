@@ -24,7 +24,7 @@ from PIL import Image
 from fruitpipe import inventory, pipeline, storage
 from fruitpipe.cli import main
 from fruitpipe.config import build_config
-from fruitpipe.dataset import list_split
+from fruitpipe.dataset import list_split, split_and_class
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.inventory import build_inventory
 from fruitpipe.records import records_digest
@@ -316,3 +316,16 @@ def test_a_same_size_rewrite_is_never_resumed_with_stale_features(spark, cache_d
     fresh = pipeline.run(build_config({}, {**options, "overwrite": True})).features().set_index("path")
     changed = "Training/Apple/0.bmp"
     assert np.abs(np.asarray(fresh.loc[changed, "features"]) - np.asarray(first.loc[changed, "features"])).max() > 1e-3
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("Training/Apple Red 1/r_1_100.jpg", ("Training", "Apple Red 1")),
+    ("Test/Banana/1.jpg", ("Test", "Banana")),
+    ("Banana/1.jpg", ("", "Banana")),
+    ("Training/loose.jpg", ("Training", "")),
+    ("loose.jpg", ("", "")),
+    ("Training/Banana/nested/1.jpg", ("Training", "Banana")),
+])
+def test_one_function_reads_split_and_class_from_a_path(path, expected):
+    """The listing and the inventory read `<split>/<class>/...` through split_and_class alone."""
+    assert split_and_class(path) == expected
