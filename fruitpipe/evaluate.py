@@ -35,6 +35,7 @@ FEATURE_SETS = (("pca", PCA, "pca"), ("raw", FEATURES, "features"))
 NEIGHBOURS = 5
 _CHUNK_ELEMENTS = 16_000_000
 _TIE_BREAK = 1e-3
+EXAMPLES_PER_CONFUSION = 3
 
 
 def default_work_dir(run_dir: str) -> str:
@@ -42,7 +43,17 @@ def default_work_dir(run_dir: str) -> str:
     return f"{run_dir.rstrip('/')}/{EVALUATION_RUN}"
 
 
-def predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, classes: int) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Predictions:
+    """Predicted class indices of the test rows per method, and each row's nearest training rows (nearest first)
+    with their similarities: the report shows a misclassified photo beside them."""
+
+    labels: dict[str, np.ndarray]
+    neighbours: np.ndarray
+    similarity: np.ndarray
+
+
+def predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, classes: int) -> Predictions:
     """Predicted class indices of every test row by 1-NN, 5-NN majority vote and nearest centroid.
 
     Inputs must already be centred. 5-NN ties go to the tied class holding the nearest neighbour.
@@ -52,19 +63,24 @@ def predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, class
     np.add.at(centroids, train_labels, train_unit)
     k = min(NEIGHBOURS, train.shape[0])
     weights = 1.0 + _TIE_BREAK * 0.5 ** np.arange(k)
-    nearest, voted = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    neighbours, similarities = [np.zeros((0, k), dtype=np.int64)], [np.zeros((0, k), dtype=np.float32)]
+    voted = [np.zeros(0, dtype=np.int64)]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, train.shape[0]))
     for start in range(0, test.shape[0], chunk):
         similarity = test_unit[start:start + chunk] @ train_unit.T
         top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1, kind="stable")
-        labels = train_labels[np.take_along_axis(top, order, axis=1)]
+        nearest = np.take_along_axis(top, order, axis=1)
+        labels = train_labels[nearest]
         votes = np.zeros((labels.shape[0], classes))
         np.add.at(votes, (np.arange(labels.shape[0])[:, None], labels), weights)
-        nearest.append(labels[:, 0])
+        neighbours.append(nearest)
+        similarities.append(np.take_along_axis(similarity, nearest, axis=1))
         voted.append(np.argmax(votes, axis=1))
-    return {"1nn": np.concatenate(nearest), "5nn": np.concatenate(voted),
-            "centroid": np.argmax(test_unit @ _unit_rows(centroids).T, axis=1)}
+    nearest_rows = np.concatenate(neighbours)
+    return Predictions(labels={"1nn": train_labels[nearest_rows[:, 0]], "5nn": np.concatenate(voted),
+                               "centroid": np.argmax(test_unit @ _unit_rows(centroids).T, axis=1)},
+                       neighbours=nearest_rows, similarity=np.concatenate(similarities))
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -74,35 +90,41 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Scored:
-    """One feature set scored: class names, true and predicted indices of the test rows the run has classes for."""
+    """One feature set scored: class names, true and predicted indices of the test rows the run has classes for,
+    and the class indices and paths of the training rows and the paths of those test rows."""
 
     dim: int
     classes: list[str]
     train_counts: np.ndarray
     truth: np.ndarray
-    predictions: dict[str, np.ndarray]
+    predictions: Predictions
     unseen: int
+    train_truth: np.ndarray
+    train_paths: list[str]
+    test_paths: list[str]
 
     def accuracy(self, method: str, members: np.ndarray | None = None) -> float | None:
         chosen = self.truth if members is None else self.truth[members]
         if chosen.size == 0:
             return None
-        predicted = self.predictions[method] if members is None else self.predictions[method][members]
+        predicted = self.predictions.labels[method]
+        if members is not None:
+            predicted = predicted[members]
         return float(np.mean(predicted == chosen))
 
 
-def _labelled_matrix(run_dir: str, directory: str, column: str) -> tuple[np.ndarray, list[str]]:
+def _labelled_matrix(run_dir: str, directory: str, column: str) -> tuple[np.ndarray, list[str], list[str]]:
     try:
-        table = RunFolder(run_dir).table(directory, columns=["label", column])
+        table = RunFolder(run_dir).table(directory, columns=["path", "label", column])
     except (OSError, pa.ArrowException) as exc:
         raise FruitpipeError(f"cannot read {run_dir.rstrip('/')}/{directory} (a torn or missing Parquet part: "
                              f"{str(exc).strip().splitlines()[0]}); run the command that wrote it again") from None
-    return sinks.vectors_matrix(table, column), table.column("label").to_pylist()
+    return sinks.vectors_matrix(table, column), table.column("label").to_pylist(), table.column("path").to_pylist()
 
 
 def _score(run_dir: str, test_dir: str, directory: str, column: str) -> _Scored:
-    train, train_names = _labelled_matrix(run_dir, directory, column)
-    test, test_names = _labelled_matrix(test_dir, directory, column)
+    train, train_names, train_paths = _labelled_matrix(run_dir, directory, column)
+    test, test_names, test_paths = _labelled_matrix(test_dir, directory, column)
     classes = sorted(set(train_names))
     index = {label: i for i, label in enumerate(classes)}
     seen = np.array([label in index for label in test_names], dtype=bool)
@@ -111,7 +133,7 @@ def _score(run_dir: str, test_dir: str, directory: str, column: str) -> _Scored:
     mean = train.astype(np.float64).mean(axis=0)
     predictions = predict(train - mean, train_y, test[seen] - mean, len(classes))
     return _Scored(int(train.shape[1]), classes, np.bincount(train_y, minlength=len(classes)), test_y, predictions,
-                   int((~seen).sum()))
+                   int((~seen).sum()), train_y, train_paths, [path for path, keep in zip(test_paths, seen) if keep])
 
 
 def evaluate(run_dir: str, config: RunConfig) -> dict:
@@ -147,7 +169,8 @@ def evaluate(run_dir: str, config: RunConfig) -> dict:
         "feature_sets": {name: {"dim": scored.dim, "accuracy": {m: scored.accuracy(m) or 0.0 for m in METHODS}}
                          for name, scored in scores.items()},
         "per_class": per_class,
-        "most_confused_pca_1nn": _confusions(reference.truth, reference.predictions["1nn"], reference.classes),
+        "most_confused_pca_1nn": _confusions(reference.truth, reference.predictions.labels["1nn"], reference.classes),
+        "misclassified_pca_1nn": _misclassified(reference),
         "seconds": time.perf_counter() - started,
     }
     folder.write_evaluation(document)
@@ -159,6 +182,25 @@ def _confusions(truth: np.ndarray, predicted: np.ndarray, classes: list[str], to
     pairs = Counter(zip(truth[wrong].tolist(), predicted[wrong].tolist()))
     ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:top]
     return [{"true": classes[t], "predicted": classes[p], "images": n} for (t, p), n in ranked]
+
+
+def _misclassified(scored: _Scored) -> list[dict[str, Any]]:
+    """Test images PCA 1-NN labels wrong, with their nearest training images (paths relative to each run's
+    source): up to EXAMPLES_PER_CONFUSION of each of the most confused class pairs, the most confident first."""
+    predicted, neighbours = scored.predictions.labels["1nn"], scored.predictions.neighbours
+    similarity = scored.predictions.similarity
+    chosen = []
+    for pair in _confusions(scored.truth, predicted, scored.classes):
+        true, wrong = scored.classes.index(pair["true"]), scored.classes.index(pair["predicted"])
+        rows = np.flatnonzero((scored.truth == true) & (predicted == wrong)).tolist()
+        chosen.extend(sorted(rows, key=lambda row: (-similarity[row, 0], scored.test_paths[row]))
+                      [:EXAMPLES_PER_CONFUSION])
+    return [{"path": scored.test_paths[row], "label": scored.classes[scored.truth[row]],
+             "predicted": scored.classes[predicted[row]],
+             "neighbours": [{"path": scored.train_paths[train_row],
+                             "label": scored.classes[scored.train_truth[train_row]], "similarity": float(value)}
+                            for train_row, value in zip(neighbours[row].tolist(), similarity[row].tolist())]}
+            for row in chosen]
 
 
 def format_table(document: Mapping[str, Any], worst: int = 5) -> str:

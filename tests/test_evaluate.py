@@ -25,13 +25,21 @@ def _angles(*degrees: float) -> np.ndarray:
 def test_votes_ties_and_centroids_on_points_with_known_answers():
     train = _angles(1, 4, 2, 3, 30, 5, 170, 175, 180)
     labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
-    predicted = evaluation.predict(train, labels, _angles(0, 2.4, 178, 12), classes=3)
+    predicted = evaluation.predict(train, labels, _angles(0, 2.4, 178, 12), classes=3).labels
     # 0 deg: neighbours by rank are classes 0,1,1,0,2: a 2-2 tie that class 0 wins with the nearest neighbour.
     # 2.4 deg: 1,1,0,0,2: the same tie, won by class 1. 12 deg: its nearest is class 2 (5 deg), its five
     # nearest tie classes 0 and 1 (4 deg is nearer than 3 deg), and class 1's centroid (11.6 deg) is closest.
     assert predicted["1nn"].tolist() == [0, 1, 2, 2]
     assert predicted["5nn"].tolist() == [0, 1, 2, 0]
     assert predicted["centroid"].tolist() == [0, 0, 2, 1]
+
+
+def test_predict_returns_each_test_rows_nearest_training_rows_nearest_first():
+    train = _angles(1, 4, 2, 3, 30, 5, 170, 175, 180)
+    predicted = evaluation.predict(train, np.array([0, 0, 1, 1, 1, 2, 2, 2, 2]), _angles(0, 178), classes=3)
+    assert predicted.neighbours.tolist() == [[0, 2, 3, 1, 5], [8, 7, 6, 4, 5]]
+    np.testing.assert_allclose(predicted.similarity[0], np.cos(np.deg2rad([1, 2, 3, 4, 5])), rtol=1e-6)
+    assert np.all(np.diff(predicted.similarity, axis=1) <= 0)
 
 
 def test_knn_matches_scikit_learn_cosine_neighbours_and_chunking_changes_nothing(monkeypatch):
@@ -41,7 +49,7 @@ def test_knn_matches_scikit_learn_cosine_neighbours_and_chunking_changes_nothing
     test_y = rng.integers(0, 7, size=150)
     train = centres[train_y] + rng.normal(scale=1.2, size=(400, 16))
     test = centres[test_y] + rng.normal(scale=1.2, size=(150, 16))
-    ours = evaluation.predict(train, train_y, test, classes=7)
+    ours = evaluation.predict(train, train_y, test, classes=7).labels
     for k, method in ((1, "1nn"), (5, "5nn")):
         reference = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(train, train_y)
         theirs = reference.predict(test)
@@ -54,7 +62,7 @@ def test_knn_matches_scikit_learn_cosine_neighbours_and_chunking_changes_nothing
         else:
             np.testing.assert_array_equal(ours[method], theirs)
     monkeypatch.setattr(evaluation, "_CHUNK_ELEMENTS", 400 * 7)
-    chunked = evaluation.predict(train, train_y, test, classes=7)
+    chunked = evaluation.predict(train, train_y, test, classes=7).labels
     for method in evaluation.METHODS:
         np.testing.assert_array_equal(chunked[method], ours[method])
 
@@ -85,6 +93,16 @@ def test_cli_evaluate_prints_accuracies_far_above_chance_and_pca_close_to_raw(ev
     assert "PCA-10" in printed and "raw 1280-d" in printed and "chance 16.7%" in printed
     pca_row = next(line for line in printed.splitlines() if line.startswith("PCA-10"))
     assert pca_row.split()[1:] == [f"{pca['accuracy'][m]:.1%}" for m in evaluation.METHODS]
+    misclassified = document["misclassified_pca_1nn"]
+    assert len(misclassified) == sum(min(evaluation.EXAMPLES_PER_CONFUSION, pair["images"])
+                                     for pair in document["most_confused_pca_1nn"])
+    for example in misclassified:
+        assert example["label"] != example["predicted"] and example["path"].startswith(f"Test/{example['label']}/")
+        assert (demo_root / example["path"]).is_file()
+        neighbours = example["neighbours"]
+        assert len(neighbours) == 5 and neighbours[0]["label"] == example["predicted"]
+        assert all(n["path"].startswith(f"Training/{n['label']}/") for n in neighbours)
+        assert [n["similarity"] for n in neighbours] == sorted((n["similarity"] for n in neighbours), reverse=True)
     held_out = fruitpipe.load_run(str(evaluated / "evaluation" / "test_run")).metadata()
     assert len(held_out) == 24 and set(held_out["split"]) == {"Test"}
 
