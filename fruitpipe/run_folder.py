@@ -17,6 +17,13 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
     _fruitpipe_run.json           run marker: identity (fingerprint, listing digest, ...), state and lease
     model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json (written last, withdrawn first)
     evaluation/evaluation.json, evaluation/test_run/, report/index.html (written later, by evaluate and report)
+    index/<space>.faiss, <space>.json, <space>-rows.parquet   a nearest-neighbour index over the pca or features
+                                  vectors, its description, and the image each of its ids stands for (`fruitpipe index`)
+    duplicates/groups.parquet, leaks.parquet, summary.json   near-duplicate groups, test images leaked from training
+                                  and the nearest-neighbour distance histogram (`fruitpipe duplicates`)
+
+Index and duplicates are added to a finished run: the manifest's entry is withdrawn first (`withdraw_output`),
+the files written, then `list_outputs` rewrites the manifest whole, listing what is there now.
 
 The lifecycle: a run claims OUT before it changes anything in it (the run marker says `in_progress` and holds the
 run's lease), withdraws manifest.json, writes its outputs, then commits: manifest.json last, then the marker says
@@ -102,6 +109,11 @@ _CSV_VECTORS = {PCA: ("pca", "pc"), FEATURES: ("features", "f")}
 EVALUATION_JSON = "evaluation/evaluation.json"
 EVALUATION_RUN = "evaluation/test_run"
 REPORT_HTML = "report/index.html"
+INDEX = "index"
+DUPLICATES = "duplicates"
+DUPLICATE_GROUPS = f"{DUPLICATES}/groups.parquet"
+DUPLICATE_LEAKS = f"{DUPLICATES}/leaks.parquet"
+DUPLICATE_SUMMARY = f"{DUPLICATES}/summary.json"
 _PART = re.compile(r"^part-(\d{5,})\.json$")
 # storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
 _PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
@@ -557,6 +569,78 @@ class RunFolder:
         write_bytes(self._out, self._out.join(REPORT_HTML), page.encode("utf-8"))
         return self.uri(REPORT_HTML)
 
+    # -- added to a finished run: nearest-neighbour index and near-duplicates --------------------------------------
+
+    def write_index(self, space: str, index: bytes, rows: pa.Table, description: dict[str, Any]) -> None:
+        """One space's serialised faiss index, the image each id stands for (row i = id i), and its description."""
+        write_bytes(self._out, self._out.join(_index_path(space, ".faiss")), index)
+        sinks.write_parquet(self._out, _index_path(space, "-rows.parquet"), rows)
+        sinks.write_json(self._out, _index_path(space, ".json"), description)
+
+    def index(self, space: str) -> StoredIndex:
+        """The index `fruitpipe index` built over `space` (pca or features); refused in one line when there is none."""
+        try:
+            description = sinks.read_json(self._out, _index_path(space, ".json"))
+            return StoredIndex(read_bytes(self._out, self._out.join(_index_path(space, ".faiss"))),
+                               sinks.read_parquet(self._out, _index_path(space, "-rows.parquet")), description)
+        except FileNotFoundError:
+            option = "" if space == PCA else f" --space {space}"
+            raise FruitpipeError(f"{self.output} has no {space} index; build it with `fruitpipe index "
+                                 f"{self.output}{option}`") from None
+
+    def index_spaces(self) -> list[str]:
+        """The spaces an index was built for."""
+        return sorted(name[:-len(".json")] for name in list_names(self._out, self._out.join(INDEX))
+                      if name.endswith(".json"))
+
+    def write_duplicates(self, groups: pa.Table, leaks: pa.Table | None, summary: dict[str, Any]) -> None:
+        """Near-duplicate groups, leaked test images (None: no test run given; an older leaks file goes) and the
+        summary, written last."""
+        sinks.write_parquet(self._out, DUPLICATE_GROUPS, groups)
+        if leaks is None:
+            remove_tree(self._out, self._out.join(DUPLICATE_LEAKS))
+        else:
+            sinks.write_parquet(self._out, DUPLICATE_LEAKS, leaks)
+        sinks.write_json(self._out, DUPLICATE_SUMMARY, summary)
+
+    def duplicates(self) -> Duplicates | None:
+        """What `fruitpipe duplicates` wrote, or None before it ran."""
+        try:
+            summary = sinks.read_json(self._out, DUPLICATE_SUMMARY)
+            groups = sinks.read_parquet(self._out, DUPLICATE_GROUPS)
+        except FileNotFoundError:
+            return None
+        leaks = sinks.read_parquet(self._out, DUPLICATE_LEAKS) if summary.get("test_run") else None
+        return Duplicates(groups, leaks, summary)
+
+    def withdraw_output(self, name: str) -> None:
+        """Drop INDEX or DUPLICATES from a finished run's manifest before its files are rewritten, so the manifest
+        never lists files in the middle of a rewrite."""
+        manifest = self._finished_manifest()
+        if manifest["outputs"].pop(name, None) is not None:
+            sinks.write_json(self._out, MANIFEST, manifest)
+
+    def list_outputs(self) -> None:
+        """Rewrite a finished run's manifest listing its tables, index and duplicates as they are now (one whole
+        write, after their files)."""
+        manifest = self._finished_manifest()
+        manifest["outputs"] = {**manifest["outputs"], **self.outputs()}
+        spaces = self.index_spaces()
+        if spaces:
+            manifest["outputs"][INDEX] = {"format": "faiss", "spaces": {
+                space: {key: value for key, value in sinks.read_json(self._out, _index_path(space, ".json")).items()
+                        if key in ("kind", "metric", "count", "dim")} for space in spaces}}
+        found = self.duplicates()
+        if found is not None:
+            manifest["outputs"][DUPLICATES] = {"format": "parquet", "groups_rows": found.groups.num_rows,
+                                               "leaks_rows": None if found.leaks is None else found.leaks.num_rows,
+                                               "summary": DUPLICATE_SUMMARY}
+        sinks.write_json(self._out, MANIFEST, manifest)
+
+    def _finished_manifest(self) -> dict[str, Any]:
+        require_finished(self.output)
+        return self.manifest()
+
     # -- the lease -------------------------------------------------------------------------------------------------
 
     def _release(self) -> None:
@@ -610,6 +694,25 @@ class RunFolder:
                     self._write_marker()
                 except (OSError, FruitpipeError):
                     pass  # a storage hiccup: the next beat tries again, well before the lease goes stale
+
+
+@dataclass(frozen=True)
+class StoredIndex:
+    """A run's nearest-neighbour index as stored: faiss bytes, the image of each id, and its description."""
+
+    data: bytes
+    rows: pa.Table
+    description: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """What `fruitpipe duplicates` found: groups (group_id, image_id, path, label, distance), leaks (test_path,
+    test_label, train_path, train_label, distance; None without a test run) and the summary document."""
+
+    groups: pa.Table
+    leaks: pa.Table | None
+    summary: dict[str, Any]
 
 
 @dataclass
@@ -666,6 +769,10 @@ def load_run(run_dir: str) -> RunResult:
 
 def _part(name: str, shard_id: int) -> str:
     return f"{name}/part-{shard_id:05d}{sinks.PARQUET_SUFFIX}"
+
+
+def _index_path(space: str, suffix: str) -> str:
+    return f"{INDEX}/{space}{suffix}"
 
 
 def _stats_path(shard_id: int) -> str:
