@@ -1,22 +1,35 @@
-"""The HTML report of a real run (with failed images and an evaluation), opened in headless Chromium."""
+"""The HTML report of a real run (with failed images and an evaluation), opened in headless Chromium: its figures,
+its photos (class strips, the PCA map's hover, the evaluation's mistakes) and its size for a FULL-size run."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import html
+import io
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 import fruitpipe
 from fruitpipe.cli import main
+from fruitpipe.report import load_documents, photos, render
+from fruitpipe.report.thumbnails import PLACEHOLDER, THUMBNAIL_PX, Photo, read_thumbnails, thumbnail
 from tests.support.moto_server import MotoServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FIGURES = 4
+FIGURES = 3
+EMBEDDED_PHOTO = re.compile(r"\.(p\d+)\{background-image:url\(data:image/webp;base64,([A-Za-z0-9+/=]+)\)\}")
+# A FULL run: Fruits-360's Training split.
+FULL_IMAGES, FULL_CLASSES = 67_692, 131
+PAGE_LIMIT_BYTES = 10_000_000
 # Written into a copy of the page: after load, record whether every <img> decoded.
 IMAGE_CHECK = """<script>
 window.addEventListener("load", () => {
@@ -35,19 +48,51 @@ def _chromium(profile: Path, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
+# Written into a copy of the page: after load, hover the map's last point, record what the tip shows, then leave.
+HOVER_CHECK = """<script>
+window.addEventListener("load", () => {
+  const points = document.querySelectorAll("#pca-map circle");
+  const point = points[points.length - 1];
+  const tip = document.getElementById("map-tip");
+  const seen = document.body.dataset;
+  seen.points = String(points.length);
+  seen.hiddenBefore = String(tip.hidden);
+  point.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
+  seen.hidden = String(tip.hidden);
+  seen.label = tip.querySelector(".tip-label").textContent;
+  seen.path = tip.querySelector(".tip-path").textContent;
+  seen.pointLabel = point.getAttribute("data-label");
+  seen.pointPath = point.getAttribute("data-path");
+  seen.photo = tip.querySelector(".ph").className;
+  seen.background = getComputedStyle(tip.querySelector(".ph")).backgroundImage.slice(0, 40);
+  document.getElementById("pca-map").dispatchEvent(new MouseEvent("mouseleave"));
+  seen.hiddenAfter = String(tip.hidden);
+});
+</script>"""
+
+
 def _console_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line]
 
 
-def _image_check(page: Path, workdir: Path) -> tuple[dict[str, str], list[str]]:
-    """Open a copy of `page` with the image check added; return the body's data attributes and console lines."""
+def _probe(page: Path, workdir: Path, script: str) -> tuple[dict[str, str], list[str]]:
+    """Open a copy of `page` with `script` added; return the body's data attributes and console lines."""
     probe = workdir / f"probe-{page.stem}.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", IMAGE_CHECK + "</body>"), encoding="utf-8")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
     done = _chromium(workdir / "profile-dom", "--dump-dom", probe.as_uri())
     body = re.search(r"<body([^>]*)>", done.stdout)
     assert body, done.stdout[:500]
-    attributes = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
+    attributes = {name: html.unescape(value) for name, value in re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1))}
     return attributes, _console_lines(done.stderr)
+
+
+def _image_check(page: Path, workdir: Path) -> tuple[dict[str, str], list[str]]:
+    return _probe(page, workdir, IMAGE_CHECK)
+
+
+def _embedded_photos(text: str) -> dict[str, bytes]:
+    """The page's photos: CSS class -> WebP bytes."""
+    return {name: base64.b64decode(data) for name, data in EMBEDDED_PHOTO.findall(text)}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +127,16 @@ def test_report_renders_in_headless_chromium_with_every_figure(reported_run, tmp
     assert attributes == {"images": str(FIGURES), "images-ok": "true"}
     assert console == []
 
+    # 35 images with features (3 classes x 12, one corrupt): every one a map point, 3 strips of 8, each photo once.
+    embedded = _embedded_photos(text)
+    assert text.count("<circle ") == 35 and len(embedded) == 35
+    assert text.count('<div class="strip">') == 3 and text.count('role="img" title=') == 3 * 8
+    assert PLACEHOLDER not in re.findall(r'class="ph ([a-z0-9]+)"', text)
+    for data in embedded.values():
+        with Image.open(io.BytesIO(data)) as photo:
+            assert photo.format == "WEBP" and max(photo.size) == THUMBNAIL_PX
+    assert "Misclassified test photos" in text
+
     screenshot = tmp_path / "report.png"
     shot = _chromium(tmp_path / "profile-shot", f"--screenshot={screenshot}", "--window-size=1280,4000",
                      page.as_uri())
@@ -92,6 +147,98 @@ def test_report_renders_in_headless_chromium_with_every_figure(reported_run, tmp
     colours = np.unique(pixels[::7], axis=0)
     assert len(colours) > 500, "the screenshot looks blank: figures did not render"
     assert (pixels.min(axis=1) < 200).mean() > 0.05
+
+
+@pytest.mark.spark
+def test_hovering_a_map_point_shows_its_photo_label_and_path(reported_run, tmp_path):
+    page = Path(fruitpipe.write_report(str(reported_run)))
+    seen, console = _probe(page, tmp_path, HOVER_CHECK)
+    assert console == []
+    assert (seen["points"], seen["hidden-before"], seen["hidden"], seen["hidden-after"]) == ("35", "true", "false",
+                                                                                              "true")
+    assert (seen["label"], seen["path"]) == (seen["point-label"], seen["point-path"])
+    run = fruitpipe.load_run(str(reported_run))
+    assert dict(zip(run.pca()["path"], run.pca()["label"]))[seen["path"]] == seen["label"]
+    name = seen["photo"].removeprefix("ph ")
+    assert seen["background"].startswith('url("data:image/webp;base64,')
+    source = Path(load_documents(str(reported_run)).manifest["source"])
+    assert _embedded_photos(page.read_text(encoding="utf-8"))[name] == thumbnail((source / seen["path"]).read_bytes())
+
+
+def test_a_missing_or_unreadable_photo_shows_the_placeholder(demo_root, tmp_path):
+    real = sorted((demo_root / "Training").glob("*/*.jpg"))[0].relative_to(demo_root).as_posix()
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    shown, gone, broken = (Photo(str(demo_root), real), Photo(str(tmp_path), "gone.jpg"),
+                           Photo(str(tmp_path), "broken.jpg"))
+    thumbnails = read_thumbnails([shown, gone, broken, shown])
+    assert len(thumbnails) == 3 and thumbnails.missing == 2
+    assert thumbnails.css_class(shown) != PLACEHOLDER
+    assert thumbnails.css_class(gone) == thumbnails.css_class(broken) == PLACEHOLDER
+    expected = thumbnail((demo_root / real).read_bytes())
+    assert _embedded_photos(thumbnails.style()) == {thumbnails.css_class(shown): expected}
+    evaluation = {"test_source": str(tmp_path), "misclassified_pca_1nn": [
+        {"path": "gone.jpg", "label": "Kiwi", "predicted": "Pear",
+         "neighbours": [{"path": real, "label": "Pear", "similarity": 0.91},
+                        {"path": "Training/Kiwi/gone.jpg", "label": "Kiwi", "similarity": 0.87}]}]}
+    section = photos.confusions_html(evaluation, str(demo_root), read_thumbnails(
+        photos.confusion_photos(evaluation, str(demo_root))))
+    assert re.findall(r'class="ph ([a-z0-9]+)"', section) == [PLACEHOLDER, "p0", PLACEHOLDER]
+    assert "Kiwi → Pear" in section and "Pear 0.910" in section and "Kiwi 0.870" in section
+    assert section.index('class="thumb same"') > section.index('class="thumb other"')
+
+
+def _full_size_source(root: Path) -> tuple[list[str], list[str]]:
+    """A FULL run's worth of paths under `root` (131 classes, 67,692 training images, 8 test images per class), each a
+    link to one of 64 noise JPEGs: noise is the worst case for a thumbnail's size. Returns labels and paths."""
+    rng = np.random.default_rng(0)
+    pool = root / "pool"
+    pool.mkdir(parents=True)
+    for number in range(64):
+        Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(pool / f"{number}.jpg", quality=90)
+    sizes = np.full(FULL_CLASSES, FULL_IMAGES // FULL_CLASSES)
+    sizes[:FULL_IMAGES % FULL_CLASSES] += 1
+    labels, paths = [], []
+    for number, size in enumerate(sizes):
+        label = f"Class {number:03d}"
+        for split, count in (("Training", size), ("Test", 8)):
+            (root / split / label).mkdir(parents=True)
+            for image in range(count):
+                path = f"{split}/{label}/{image}_100.jpg"
+                os.symlink(pool / f"{(number + image) % 64}.jpg", root / path)
+                if split == "Training":
+                    labels.append(label)
+                    paths.append(path)
+    return labels, paths
+
+
+@pytest.mark.spark
+def test_a_full_size_run_makes_a_page_under_10_mb(reported_run, tmp_path):
+    source = tmp_path / "full"
+    labels, paths = _full_size_source(source)
+    real = load_documents(str(reported_run))
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(len(paths), 5)).astype(np.float32)
+    pca = pa.table({"path": paths, "label": labels,
+                    "pca": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 5)})
+    classes = sorted(set(labels))
+    mistakes = [{"path": f"Test/{classes[n]}/{n % 8}_100.jpg", "label": classes[n], "predicted": classes[n + 1],
+                 "neighbours": [{"path": f"Training/{classes[n + 1]}/{n + 11 * k + 1}_100.jpg",
+                                 "label": classes[n + 1], "similarity": 0.9} for k in range(5)]}
+                for n in range(30)]
+    evaluation = {**real.evaluation, "test_source": str(source), "misclassified_pca_1nn": mistakes,
+                  "per_class": [{**real.evaluation["per_class"][0], "label": label} for label in classes]}
+    documents = dataclasses.replace(
+        real, manifest={**real.manifest, "source": str(source)}, pca=pca, evaluation=evaluation,
+        metadata=pa.table({"label": labels, "status": ["ok"] * len(labels)}))
+
+    page = render(documents, str(reported_run)).encode("utf-8")
+
+    shown = photos.sample_run(str(source), labels, paths, vectors)
+    expected = set(shown.photos()) | set(photos.confusion_photos(evaluation, str(source)))
+    assert len(_embedded_photos(page.decode())) == len(expected) > photos.MAP_POINTS
+    assert page.count(b"<circle ") == len(shown.paths) < photos.MAP_POINTS + FULL_CLASSES
+    assert PLACEHOLDER.encode() not in set(re.findall(rb'class="ph ([a-z0-9]+)"', page))
+    assert len(page) < PAGE_LIMIT_BYTES, f"{len(page):,} bytes"
 
 
 def test_the_image_check_notices_broken_images_and_console_errors(tmp_path):

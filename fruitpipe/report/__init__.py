@@ -1,8 +1,9 @@
 """One self-contained HTML page about a finished run: what went in, what came out, how long, how good.
 
 Everything is read through fruitpipe.storage (so a run folder on S3 works like a local one) and the page is
-written back next to the run as `report/index.html`, figures inlined as PNG data URIs: one file to open, copy
-or attach, with no server, no network and no script.
+written back next to the run as `report/index.html`, figures inlined as PNG data URIs and photos as small WebP
+thumbnails (photos.py, thumbnails.py): one file to open, copy or attach, with no server and no network; its one
+small inline script shows a photo when the pointer is on the PCA map.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import yaml
 
 from fruitpipe import sinks
 from fruitpipe.evaluate import METHOD_TITLES, METHODS
-from fruitpipe.report import figures
+from fruitpipe.report import figures, photos
+from fruitpipe.report.thumbnails import Thumbnails, read_thumbnails
 from fruitpipe.run_folder import ERRORS, METADATA, PCA, RunFolder
 
-SCATTER_SAMPLE = 5000
 ERROR_ROWS = 200
 
 
@@ -54,7 +55,7 @@ def load_documents(run_dir: str) -> RunDocuments:
         config_text=folder.config_text(),
         metadata=folder.table(METADATA, columns=["label", "status"]),
         errors=folder.table(ERRORS),
-        pca=folder.table(PCA, columns=["label", "pca"]),
+        pca=folder.table(PCA, columns=["path", "label", "pca"]),
         evaluation=folder.evaluation(),
     )
 
@@ -70,15 +71,23 @@ def render(documents: RunDocuments, run_dir: str) -> str:
     manifest = documents.manifest
     template = Template(resources.files("fruitpipe.report").joinpath("template.html").read_text(encoding="utf-8"))
     created = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(manifest["created_unix"]))
+    pca = documents.pca
+    labels = pca.column("label").to_pylist()
+    sample = photos.sample_run(manifest["source"], labels, pca.column("path").to_pylist(),
+                               sinks.vectors_matrix(pca, "pca"))
+    thumbnails = read_thumbnails(sample.photos() + photos.confusion_photos(documents.evaluation, manifest["source"]))
+    class_sizes = dict(zip(*np.unique(np.asarray(labels, dtype=object), return_counts=True)))
     return template.substitute(
+        photo_style=thumbnails.style(),
         title=html.escape(f"fruitpipe run: {manifest['model']}, {manifest['images_ok']} images"),
         subtitle=html.escape(f"{run_dir} · source {manifest['source']} ({manifest['split']}) · finished {created}"),
         summary=_summary(documents),
-        pca=_pca_section(documents),
+        pca=_pca_section(documents, sample, thumbnails),
+        photos=photos.strips_html(sample, class_sizes, thumbnails),
         classes=_classes_section(documents.metadata),
         errors=_errors_section(documents.errors),
         timing=_timing_section(documents.model_info),
-        evaluation=_evaluation_section(documents.evaluation),
+        evaluation=_evaluation_section(documents.evaluation, manifest["source"], thumbnails),
         config=_config_section(documents),
     )
 
@@ -133,23 +142,15 @@ def _summary(documents: RunDocuments) -> str:
     return cards + "<h3>Outputs</h3>" + outputs
 
 
-def _pca_section(documents: RunDocuments) -> str:
+def _pca_section(documents: RunDocuments, sample: photos.PhotoSample, thumbnails: Thumbnails) -> str:
     ratios = documents.pca_model["explained_variance_ratio"]
     target = (yaml.safe_load(documents.config_text) or {}).get("pca_variance")
     parts = [_image(figures.variance_figure(ratios, target), "PCA explained variance per component and cumulative")]
     parts.append(f'<p class="note">{len(ratios)} components kept of {documents.pca_model["input_dim"]} '
                  f"({documents.pca_model['variance_kept']:.1%} of the total variance, fitted on "
                  f"{documents.pca_model['n_samples']:,} images); variance.csv has the numbers.</p>")
-    pca = documents.pca
-    if pca.num_rows and len(ratios) >= 2:
-        rows = np.arange(pca.num_rows)
-        if pca.num_rows > SCATTER_SAMPLE:
-            rows = np.sort(np.random.default_rng(0).choice(pca.num_rows, SCATTER_SAMPLE, replace=False))
-        sample = pca.take(pa.array(rows))
-        points = sinks.vectors_matrix(sample, "pca")[:, :2]
-        labels = sample.column("label").to_pylist()
-        parts.append(_image(figures.scatter_figure(points, labels, pca.num_rows),
-                            "scatter of the first two principal components coloured by class"))
+    parts.append("<h3>Map of the first two components</h3>")
+    parts.append(photos.map_html(sample, figures.class_colours(documents.pca.column("label").to_pylist()), thumbnails))
     return "".join(parts)
 
 
@@ -204,7 +205,7 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
-def _evaluation_section(evaluation: Mapping[str, Any] | None) -> str:
+def _evaluation_section(evaluation: Mapping[str, Any] | None, train_source: str, thumbnails: Thumbnails) -> str:
     if evaluation is None:
         return ('<p class="note">Not evaluated yet: run <code>fruitpipe evaluate RUN_DIR --test SRC</code>, '
                 "then build this report again.</p>")
@@ -230,6 +231,8 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None) -> str:
                          [(c["true"], c["predicted"], c["images"]) for c in confused], [False, False, True])
                   if confused else '<p class="ok">No confusions: PCA 1-NN labels every test image right.</p>')
     return (accuracy + note + "<h3>Most confused (PCA 1-NN)</h3>" + confusions
+            + "<h3>Misclassified test photos and their nearest training photos (PCA 1-NN)</h3>"
+            + photos.confusions_html(evaluation, train_source, thumbnails)
             + f"<details><summary>per class, weakest first ({len(ranked)} classes)</summary>{per_class}</details>")
 
 

@@ -1,4 +1,5 @@
-"""The report's figures as PNG bytes, drawn with matplotlib's object API on the Agg canvas.
+"""The report's figures as PNG bytes, drawn with matplotlib's object API on the Agg canvas, and the class colours
+the PCA map shares with them.
 
 No pyplot: nothing global changes (backend, open figures), so building a report inside a notebook or a
 long-running driver leaves its plotting state alone.
@@ -15,6 +16,7 @@ from fruitpipe.extras import needs_extras
 
 with needs_extras("drawing the report"):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
     from matplotlib.figure import Figure
 
 LEGEND_CLASSES = 20
@@ -58,31 +60,11 @@ def variance_figure(ratios: Sequence[float], target: float | None = None) -> byt
     return _png(figure)
 
 
-def scatter_figure(points: np.ndarray, labels: Sequence[str], total: int) -> bytes:
-    """First two components coloured by class; beyond 20 classes the 20 largest get colours, the rest grey."""
-    labels = np.asarray(labels, dtype=object)
-    names, counts = np.unique(labels, return_counts=True)
-    ranked = [str(name) for name in names[np.argsort(-counts, kind="stable")]]
-    coloured = sorted(ranked[:LEGEND_CLASSES])
-    figure = Figure(figsize=(10, 7))
-    axes = figure.add_subplot()
-    size = 12 if len(labels) <= 2000 else 5
-    others = ~np.isin(labels, coloured)
-    if others.any():
-        axes.scatter(points[others, 0], points[others, 1], s=size, color="#bbbbbb", alpha=0.5, linewidths=0,
-                     label=f"{len(ranked) - len(coloured)} other classes")
-    palette = _palette(len(coloured))
-    for colour, name in zip(palette, coloured):
-        chosen = labels == name
-        axes.scatter(points[chosen, 0], points[chosen, 1], s=size, color=colour, alpha=0.8, linewidths=0,
-                     label=name)
-    axes.set_xlabel("PC 1")
-    axes.set_ylabel("PC 2")
-    shown = f"{len(labels)} of {total} images" if len(labels) < total else f"all {total} images"
-    coloured_note = f"; the {len(coloured)} largest of {len(ranked)} classes coloured" if others.any() else ""
-    axes.set_title(f"First two principal components ({shown}{coloured_note})")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, markerscale=2, frameon=False)
-    return _png(figure)
+def class_colours(labels: Sequence[str]) -> dict[str, str]:
+    """Hex colours of the LEGEND_CLASSES largest classes (by rows in `labels`), in name order; others get none."""
+    names, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
+    coloured = sorted(str(name) for name in names[np.argsort(-counts, kind="stable")][:LEGEND_CLASSES])
+    return {name: to_hex(colour) for name, colour in zip(coloured, _palette(len(coloured)))}
 
 
 def _palette(count: int) -> list:
