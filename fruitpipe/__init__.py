@@ -8,20 +8,26 @@ function needs it, so `import fruitpipe` stays light:
     result.pca()                                   # pandas DataFrame
     scores = fruitpipe.evaluate_run("output/demo", "data/demo")
     fruitpipe.write_report("output/demo")          # output/demo/report/index.html
+    fruitpipe.build_index("output/demo")           # output/demo/index/ (faiss)
+    fruitpipe.similar("output/demo", ["photo.jpg"], k=10)   # pandas: the nearest training images, the k-NN vote
+    fruitpipe.find_duplicates("output/demo", test_run="output/demo-test")   # output/demo/duplicates/
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fruitpipe.version import __version__
 
 if TYPE_CHECKING:
-    from fruitpipe.config import RunConfig
-    from fruitpipe.run_folder import RunResult
+    import pandas as pd
 
-__all__ = ["RunConfig", "RunResult", "__version__", "evaluate_run", "load_run", "run", "transform", "write_report"]
+    from fruitpipe.config import RunConfig
+    from fruitpipe.run_folder import Duplicates, RunResult
+
+__all__ = ["RunConfig", "RunResult", "__version__", "build_index", "evaluate_run", "find_duplicates", "load_run",
+           "run", "similar", "transform", "write_report"]
 
 _LAZY_CLASSES = {"RunConfig": "fruitpipe.config", "RunResult": "fruitpipe.run_folder"}
 
@@ -97,3 +103,37 @@ def write_report(run_dir: str) -> str:
     from fruitpipe.report import build_report
 
     return build_report(run_dir)
+
+
+def build_index(run_dir: str, space: str = "pca", metric: str = "cosine", exact_below: int | None = None) -> dict:
+    """Build RUN_DIR/index/ over the run's PCA vectors (or space="features"), cosine or L2 (see fruitpipe.index);
+    returns the index's description (kind, count, recall@10 measured)."""
+    from fruitpipe.index import EXACT_BELOW
+    from fruitpipe.index import build_index as build
+
+    return build(run_dir, space, metric, EXACT_BELOW if exact_below is None else exact_below)
+
+
+def similar(run_dir: str, queries: str | Sequence[str], /, k: int = 10, space: str = "pca",
+            **options: Any) -> pd.DataFrame:
+    """The k nearest training images of each query image (files or folders), extracted with the run's own model
+    and PCA (options as for `transform`: master=, spark_conf=, ...), by the run's index.
+
+    One row per query and neighbour: query, query_folder, rank, path, label, distance, vote_label, vote_share.
+    Query images that could not be processed are listed in `frame.attrs["failed"]` as (query, reason).
+    """
+    from fruitpipe.index import similar as find_similar
+
+    found, failed = find_similar(run_dir, [queries] if isinstance(queries, str) else list(queries), k, space,
+                                 lambda source, output: _config(None, {"quiet": True, **options, "source": source,
+                                                                       "output": output}))
+    found.attrs["failed"] = failed
+    return found
+
+
+def find_duplicates(run_dir: str, test_run: str | None = None, threshold: float | None = None) -> Duplicates:
+    """Near-duplicate groups of RUN_DIR's images and, with `test_run`, its test images leaked from training; written
+    to RUN_DIR/duplicates/ (see fruitpipe.duplicates) and returned."""
+    from fruitpipe.duplicates import find_duplicates as find
+
+    return find(run_dir, test_run, threshold)

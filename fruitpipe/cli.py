@@ -77,6 +77,11 @@ def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
                             "run of the same command, which retries it (default 3)")
 
 
+def _add_space_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", choices=["pca", "features"], default="pca",
+                        help="the run's PCA vectors (default) or its raw features")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fruitpipe.version import __version__
 
@@ -186,6 +191,40 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(handler=_cmd_report)
 
+    index = commands.add_parser("index", help="build RUN_DIR/index/: nearest-neighbour search over the run's images",
+                                description="A faiss index over the run's PCA vectors (or raw features): exact below "
+                                            "--exact-below vectors, approximate (IVF, recall@10 measured) above.")
+    index.add_argument("run_dir", metavar="RUN_DIR")
+    _add_space_flag(index)
+    index.add_argument("--metric", choices=["cosine", "l2"], default="cosine",
+                       help="cosine distance on vectors centred on the training mean (default), or Euclidean")
+    index.add_argument("--exact-below", type=_positive_int, metavar="N",
+                       help="exact (flat) index below N vectors, approximate above (default 50000)")
+    index.set_defaults(handler=_cmd_index)
+
+    similar = commands.add_parser("similar", help="the run's training images nearest to new photos",
+                                  description="Extract IMAGE_OR_FOLDER... with RUN_DIR's model and PCA and print, per "
+                                              "image, its k nearest training images and their vote for a label.")
+    similar.add_argument("run_dir", metavar="RUN_DIR")
+    similar.add_argument("queries", nargs="+", metavar="IMAGE_OR_FOLDER")
+    similar.add_argument("--k", type=_positive_int, default=10, help="neighbours per image (default 10)")
+    _add_space_flag(similar)
+    similar.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    _add_spark_flags(similar)
+    similar.set_defaults(handler=_cmd_similar)
+
+    duplicates = commands.add_parser("duplicates", help="near-duplicate groups in a run and test images leaked from it",
+                                     description="Compare the run's images by their pixels (re-read from its "
+                                                 "source), group those closer than --threshold and, with --test, list "
+                                                 "the test images whose nearest training image is that close. Writes "
+                                                 "RUN_DIR/duplicates/.")
+    duplicates.add_argument("run_dir", metavar="RUN_DIR")
+    duplicates.add_argument("--test", metavar="RUN2", help="a finished run of held-out images (e.g. `fruitpipe "
+                                                           "transform RUN_DIR SRC OUT --split Test`)")
+    duplicates.add_argument("--threshold", type=float, metavar="T",
+                            help="largest distance of near-duplicates (default 0.0012; see docs/similarity.md)")
+    duplicates.set_defaults(handler=_cmd_duplicates)
+
     from fruitpipe.cloud.cli import register as register_emr
 
     register_emr(commands)
@@ -269,6 +308,61 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import fruitpipe
 
     print(f"wrote {fruitpipe.write_report(args.run_dir)}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import fruitpipe
+    from fruitpipe.run_folder import INDEX
+
+    built = fruitpipe.build_index(args.run_dir, args.space, args.metric, args.exact_below)
+    print(f"wrote {args.run_dir.rstrip('/')}/{INDEX}/: {built['kind']} {built['metric']} index of {built['count']} "
+          f"{built['space']} vectors ({built['dim']}-d), recall@10 {built['recall_at_10']:.3f} against exact, "
+          f"{built['build_seconds']:.1f} s")
+    return 0
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    import json
+
+    from fruitpipe.index import similar
+
+    def make_config(source: str, output: str) -> RunConfig:
+        return resolve_config(args.config, {"quiet": True, **_flag_values(args), "source": source, "output": output})
+
+    found, failed = similar(args.run_dir, args.queries, args.k, args.space, make_config)
+    by_query = [(query, rows) for query, rows in found.groupby("query", sort=True)]
+    if args.json:
+        document = {"run_dir": args.run_dir, "space": args.space, "k": args.k,
+                    "queries": [{"query": query, "query_folder": rows["query_folder"].iloc[0],
+                                 "vote_label": rows["vote_label"].iloc[0],
+                                 "vote_share": float(rows["vote_share"].iloc[0]),
+                                 "neighbours": rows[["rank", "path", "label", "distance"]].to_dict("records")}
+                                for query, rows in by_query],
+                    "failed": [{"query": query, "reason": reason} for query, reason in failed]}
+        print(json.dumps(document, indent=2))
+    else:
+        for query, rows in by_query:
+            print(f"{query}: {rows['vote_label'].iloc[0]} ({rows['vote_share'].iloc[0]:.0%} of {len(rows)} neighbours)")
+            for row in rows.itertuples():
+                print(f"  {row.rank:3d}  {row.distance:.4f}  {row.label}  {row.path}")
+    for query, reason in failed:
+        print(f"fruitpipe: {query} could not be processed: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    import fruitpipe
+    from fruitpipe.run_folder import DUPLICATES
+
+    summary = fruitpipe.find_duplicates(args.run_dir, args.test, args.threshold).summary
+    print(f"{summary['groups']} near-duplicate groups holding {summary['images_in_groups']} of {summary['images']} "
+          f"images (distance < {summary['threshold']:g}); {summary['cross_label_groups']} groups mix labels")
+    if args.test:
+        per_class = ", ".join(f"{label} {n}" for label, n in summary["leaked_per_class"].items())
+        print(f"{summary['leaked_test_images']} of {summary['test_images']} test images have a training image that "
+              f"close" + (f": {per_class}" if per_class else ""))
+    print(f"wrote {args.run_dir.rstrip('/')}/{DUPLICATES}/")
     return 0
 
 

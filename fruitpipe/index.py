@@ -291,6 +291,8 @@ def _stage_queries(queries: Sequence[str], source: str) -> dict[str, str]:
         if location.call("isfile", location.path):
             images.append(location.uri(location.path))
             continue
+        if not location.call("isdir", location.path):
+            raise FruitpipeError(f"query not found: {query}")
         found = sorted(path for path in find_files(location, location.path)
                        if path.lower().endswith(IMAGE_SUFFIXES) and not path.rsplit("/", 1)[-1].startswith("."))
         if not found:
