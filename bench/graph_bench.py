@@ -5,11 +5,13 @@ Variants of the same network with the same weights, exported side by side into a
   plain             a plain torch.onnx export of efficientnet_lite_pytorch (pip package of the same name) with the
                     bundled weights, `extract_features(x).mean((2, 3))`: the reference of issue 10
   before            fruitpipe's graph before issue 10: its asymmetric Pads carry no constant_value input
-  fruitpipe         fruitpipe's export as it is now (models/export.py)
+  fruitpipe         fruitpipe's export as it is now (models/export.py): uint8 pixels in, normalised in the graph
+  float-input       fruitpipe's network taking normalised float tensors (its export before issue 10 part 4)
   features-only     fruitpipe's network without the logits branch
   opset-20          fruitpipe's network exported at opset 20 (the plain export's default)
 
-Each variant's ONNX Runtime session (the pipeline's options, runtimes.py) runs the same random batch; all
+Each variant's ONNX Runtime session (the pipeline's options, runtimes.py) runs the same random images (as uint8
+pixels or as the float tensors they normalise to, whichever the variant takes); all
 variants run in every round, in turn (starting one further each round), in `--processes` processes at once
 (2 x 1 thread is the pipeline's layout), so a busy shared machine slows them alike: compare the ratios, not
 the absolute figures. Also printed: the Pad nodes left after ONNX Runtime's graph optimisation and the largest
@@ -36,9 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fruitpipe.config import DEFAULT_CACHE_DIR  # noqa: E402
+from fruitpipe.images import normalise  # noqa: E402
 from fruitpipe.inference import create_session  # noqa: E402
 from fruitpipe.models.specs import ONNX_FEATURES as FEATURES_OUTPUT  # noqa: E402
 from fruitpipe.models.specs import ONNX_INPUT as INPUT_NAME  # noqa: E402
+from fruitpipe.models.specs import ONNX_PIXELS as PIXELS_NAME  # noqa: E402
+from fruitpipe.models.specs import get_spec  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 SIZE = 224
@@ -59,7 +64,7 @@ def export_variants(folder: Path) -> dict[str, Path]:
     import torch
     import torch.nn.functional as F
 
-    from fruitpipe.models import build_model, export_onnx, get_spec, resolve_weights
+    from fruitpipe.models import build_model, export_onnx, resolve_weights
     from fruitpipe.models.efficientnet_lite import SameConv2d
     from fruitpipe.models.export import OPSET, OUTPUT_NAMES
 
@@ -76,6 +81,8 @@ def export_variants(folder: Path) -> dict[str, Path]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.network(x)[0]
 
+    paths["float-input"] = folder / "float-input.onnx"
+    _export(network, paths["float-input"], list(OUTPUT_NAMES), OPSET)
     paths["features-only"] = folder / "features-only.onnx"
     _export(FeaturesOnly(), paths["features-only"], [FEATURES_OUTPUT], OPSET)
     paths["opset-20"] = folder / "opset-20.onnx"
@@ -128,16 +135,23 @@ def optimised_pads(path: Path, folder: Path) -> int:
     return sum(node.op_type == "Pad" for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 
-def _worker(paths: dict[str, str], threads: int, batch: np.ndarray, rounds: int, seconds: float, barrier,
-            results) -> None:
+def random_inputs(batch_size: int) -> dict[str, np.ndarray]:
+    """The same random images as each graph input takes them: uint8 pixels, and the float tensors they give."""
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, SIZE, SIZE, 3), dtype=np.uint8)
+    prep = get_spec(MODEL).preprocessing(SIZE)
+    return {PIXELS_NAME: pixels, INPUT_NAME: np.stack([normalise(image, prep) for image in pixels])}
+
+
+def _worker(paths: dict[str, str], threads: int, inputs: dict[str, np.ndarray], rounds: int, seconds: float,
+            barrier, results) -> None:
     sessions = {name: create_session(Path(path).read_bytes(), threads) for name, path in paths.items()}
     for session in sessions.values():
-        session.run(batch)
+        session.run(inputs[session.input_name])
     rates: dict[str, list[float]] = {name: [] for name in sessions}
     names = list(sessions)
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            session = sessions[name]
+            session, batch = sessions[name], inputs[sessions[name].input_name]
             barrier.wait()
             started, done = time.perf_counter(), 0
             while time.perf_counter() - started < seconds:
@@ -147,13 +161,13 @@ def _worker(paths: dict[str, str], threads: int, batch: np.ndarray, rounds: int,
     results.put(rates)
 
 
-def measure(paths: dict[str, Path], processes: int, threads: int, batch: np.ndarray, rounds: int,
+def measure(paths: dict[str, Path], processes: int, threads: int, inputs: dict[str, np.ndarray], rounds: int,
             seconds: float) -> dict[str, list[float]]:
     """Images/s per variant and round, summed over the processes (which run the same variant at once)."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(processes), context.Queue()
     as_text = {name: str(path) for name, path in paths.items()}
-    workers = [context.Process(target=_worker, args=(as_text, threads, batch, rounds, seconds, barrier, results))
+    workers = [context.Process(target=_worker, args=(as_text, threads, inputs, rounds, seconds, barrier, results))
                for _ in range(processes)]
     for worker in workers:
         worker.start()
@@ -171,17 +185,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-    batch = np.random.default_rng(0).standard_normal((args.batch, 3, SIZE, SIZE)).astype(np.float32)
+    inputs = random_inputs(args.batch)
     print(f"cpu: {_cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
           f"{args.processes} processes x {args.threads} threads, batch {args.batch}, "
           f"{args.rounds} rounds x {args.seconds:g} s per variant")
     with tempfile.TemporaryDirectory(prefix="fruitpipe-graphs-") as work:
         folder = Path(work)
         paths = export_variants(folder)
-        features = {name: create_session(path.read_bytes(), 1).run(batch)
-                    for name, path in paths.items()}
+        sessions = {name: create_session(path.read_bytes(), 1) for name, path in paths.items()}
+        features = {name: session.run(inputs[session.input_name]) for name, session in sessions.items()}
         pads = {name: optimised_pads(path, folder) for name, path in paths.items()}
-        rates = measure(paths, args.processes, args.threads, batch, args.rounds, args.seconds)
+        rates = measure(paths, args.processes, args.threads, inputs, args.rounds, args.seconds)
     reference = "plain" if "plain" in paths else "before"
     base = float(np.median(rates[reference]))
     print(f"{'variant':<15} {'img/s':>7} {'vs ' + reference:>9} {'Pads left':>9} {'max |diff|':>10}  rounds")

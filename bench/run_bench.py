@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fruitpipe.config import DEFAULT_CACHE_DIR, RunConfig  # noqa: E402
-from fruitpipe.images import Preprocessing, preprocess  # noqa: E402
+from fruitpipe.images import Preprocessing, model_pixels, preprocess  # noqa: E402
 
 FULL_IMAGES = 67_692
 FULL_CLASSES, FULL_PER_CLASS = 131, 517
@@ -151,10 +151,11 @@ def build_model(name: str, weights: str | None, precision: str, source: Path, li
 
 
 def sample_tensors(source: Path, preprocessing: Preprocessing, count: int = TENSOR_SAMPLE) -> np.ndarray:
-    """Decoded, preprocessed tensors of `count` images spread over the classes: the ceiling's input."""
+    """Decoded, resized uint8 pixels of `count` images spread over the classes (what the exported graph takes):
+    the ceiling's input."""
     paths = sorted((source / "Training").glob("*/*.jpg"))
     picks = paths[:: max(1, len(paths) // count)][:count]
-    return np.stack([preprocess(p.read_bytes(), preprocessing)[0] for p in picks])
+    return np.stack([model_pixels(p.read_bytes(), preprocessing)[0] for p in picks])
 
 
 def _ceiling_worker(model_path: str, model_key: str, threads: int, batches: np.ndarray, seconds: float,

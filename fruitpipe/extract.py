@@ -1,4 +1,6 @@
 """The work of one shard, run inside a Spark task: read bytes -> decode + resize -> ONNX batches -> write.
+Images reach the graph as uint8 pixels, which it normalises (fruitpipe's exports), or as normalised float tensors
+(graphs exported before): the runtime's input name says which.
 
 Reads and decodes run in a few daemon threads ahead of inference (PIL and the network release the GIL), bounded
 so memory stays flat; one that hangs past the read timeout is abandoned (`prefetch`) and loaded again later. Every
@@ -9,20 +11,23 @@ On resume a shard counts as done only when its stats file and its parts agree (`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from fruitpipe import sinks
-from fruitpipe.images import ImageDecodeError, Preprocessing, image_size, preprocess
+from fruitpipe.images import ImageDecodeError, Preprocessing, decode_rgb, image_size, normalise, square_pixels
 from fruitpipe.inference import extract_features, runtime_for
+from fruitpipe.models.specs import ONNX_PIXELS
 from fruitpipe.prefetch import Job, Loaded, prefetched
 from fruitpipe.records import ImageRow, ShardStats, records_digest
 from fruitpipe.run_folder import RunFolder, ShardTables
@@ -56,13 +61,16 @@ class ExtractionSettings:
 
 @dataclass
 class ShardTimer:
-    """Seconds spent per phase inside one shard (read+decode overlap inference, so they do not add up).
+    """Seconds spent per phase inside one shard (the loaders' phases overlap inference, so they do not add up):
+    read (bytes), decode (bytes -> RGB image), resize (-> the graph's input: square pixels, normalised too for a
+    graph that takes floats), infer, write.
 
-    The loader threads add to read and decode concurrently, hence the lock.
+    The loader threads add to read, decode and resize concurrently, hence the lock.
     """
 
     read: float = 0.0
     decode: float = 0.0
+    resize: float = 0.0
     infer: float = 0.0
     write: float = 0.0
     wall: float = 0.0
@@ -72,11 +80,20 @@ class ShardTimer:
         with self._lock:
             setattr(self, phase, getattr(self, phase) + seconds)
 
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Adds the block's wall time to `phase`, also when it raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - started)
+
     def seconds(self) -> dict[str, float]:
-        return {phase: getattr(self, phase) for phase in ("read", "decode", "infer", "write", "wall")}
+        return {phase: getattr(self, phase) for phase in ("read", "decode", "resize", "infer", "write", "wall")}
 
 
-def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) -> Loaded:
+def _load(source: Location, prep: Preprocessing, normalised: bool, timer: ShardTimer, job: Job) -> Loaded:
     started = time.perf_counter()
     try:
         data = read_bytes(source, source.join(job.record.path))
@@ -91,19 +108,20 @@ def _load(source: Location, job: Job, prep: Preprocessing, timer: ShardTimer) ->
     finally:
         timer.add("read", time.perf_counter() - started)
     job.stage = "decode"
-    started = time.perf_counter()
     try:
-        tensor, (width, height) = preprocess(data, prep)
-        header = image_size(data)
-        return Loaded(tensor, width, height, header[2] if header else "")
+        with timer.timed("decode"):
+            image, (width, height) = decode_rgb(data, target_size=prep.size)
+            header = image_size(data)
+        with timer.timed("resize"):
+            pixels = square_pixels(image, prep)
+            tensor = normalise(pixels, prep) if normalised else pixels
     except ImageDecodeError as exc:
         header = image_size(data)
         return Loaded(width=header[0] if header else 0, height=header[1] if header else 0,
                       image_format=header[2] if header else "", stage="decode", reason=str(exc))
     except Exception as exc:
         return Loaded(stage="decode", reason=f"{type(exc).__name__}: {exc}")
-    finally:
-        timer.add("decode", time.perf_counter() - started)
+    return Loaded(tensor, width, height, header[2] if header else "")
 
 
 def process_shard(shard_id: int, records: list[ImageRow], settings: ExtractionSettings,
@@ -119,6 +137,7 @@ def process_shard(shard_id: int, records: list[ImageRow], settings: ExtractionSe
     source = locate(settings.source)
     runtime = runtime_for(settings.model_key, load_model_bytes, settings.threads, precision=settings.precision,
                           runtime=settings.runtime, batch_size=settings.batch_size)
+    load = functools.partial(_load, source, settings.preprocessing, runtime.input_name != ONNX_PIXELS, timer)
     ok_rows: list[ImageRow] = []
     ok_vectors: list[np.ndarray] = []
     outcomes: dict[str, Loaded] = {}
@@ -146,8 +165,7 @@ def process_shard(shard_id: int, records: list[ImageRow], settings: ExtractionSe
         if attempt > 1:
             time.sleep(RETRY_PAUSE_S * 2 ** (attempt - 2))
         retry = []
-        for record, loaded in prefetched(pending, lambda job: _load(source, job, settings.preprocessing, timer),
-                                         threads=settings.io_threads,
+        for record, loaded in prefetched(pending, load, threads=settings.io_threads,
                                          window=max(2 * settings.batch_size, PREFETCH_IMAGES),
                                          timeout_s=settings.read_timeout_s):
             outcomes[record.image_id] = dataclasses.replace(loaded, tensor=None)

@@ -1,4 +1,5 @@
-"""Image bytes -> float32 NCHW tensors, preprocessed exactly as a model's spec says.
+"""Image bytes -> what a model's graph takes, preprocessed exactly as its spec says: square uint8 RGB pixels at the
+model's size (graphs that normalise inside, fruitpipe's exports) or float32 CHW tensors (graphs exported before).
 
 Pure numpy/PIL (and simplejpeg for the fast JPEG path): no Spark, no torch, so every executor can run it.
 """
@@ -156,17 +157,33 @@ def resize_square(image: Image.Image, size: int, interpolation: str) -> np.ndarr
     return np.asarray(image, dtype=np.uint8)
 
 
-def preprocess(data: bytes, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image's bytes -> (CHW float32 normalised tensor, stored (width, height))."""
+def square_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """A decoded image -> HWC uint8 RGB pixels, size x size, as the model's graph takes them. The resize stays
+    here, in PIL: the graph only normalises (models/export.py says why)."""
+    return resize_square(image, prep.size, prep.interpolation)
+
+
+def model_pixels(data: bytes, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image's bytes -> (square_pixels, stored (width, height))."""
     image, stored_size = decode_rgb(data, target_size=prep.size)
-    pixels = resize_square(image, prep.size, prep.interpolation)
+    return square_pixels(image, prep), stored_size
+
+
+def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """HWC uint8 pixels -> the CHW float32 tensor (p / 255 - mean) / std that a graph without normalisation takes."""
     scale, shift = prep.scale_and_shift()
     # One output buffer, no float temporaries: astype-then-arithmetic took 5x as long, more than the decode
-    # (BENCHMARKS.md). The float32 arithmetic is the same, bit for bit.
+    # (BENCHMARKS.md). The float32 arithmetic is the same, bit for bit, as the exported graph's Mul then Add.
     tensor = np.empty((3, prep.size, prep.size), dtype=np.float32)
     np.multiply(pixels.transpose(2, 0, 1), scale, out=tensor)
     tensor += shift
-    return tensor, stored_size
+    return tensor
+
+
+def preprocess(data: bytes, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image's bytes -> (CHW float32 normalised tensor, stored (width, height)), for graphs that take "images"."""
+    pixels, stored_size = model_pixels(data, prep)
+    return normalise(pixels, prep), stored_size
 
 
 def image_size(data: bytes) -> tuple[int, int, str] | None:

@@ -43,5 +43,6 @@ def create_session(model_bytes: bytes, threads: int, allow_spinning: bool = ALLO
 
 
 def extract_features(runtime: Runtime, batch: np.ndarray) -> np.ndarray:
-    """[N, 3, S, S] float32 -> [N, D] float32 pooled features."""
+    """A batch of what the runtime's graph takes ([N, S, S, 3] uint8 pixels or [N, 3, S, S] float32, its
+    input_name says) -> [N, D] float32 pooled features."""
     return runtime.run(batch)

@@ -27,8 +27,8 @@ import numpy as np
 
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import needs_extras
-from fruitpipe.images import ImageDecodeError, Preprocessing, preprocess
-from fruitpipe.models.specs import ONNX_INPUT
+from fruitpipe.images import ImageDecodeError, Preprocessing, model_pixels
+from fruitpipe.models.specs import ONNX_PIXELS
 
 CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8
@@ -68,10 +68,11 @@ def calibration_sample(source: str, paths: list[str], count: int = CALIBRATION_I
 
 
 def _calibration_tensors(images: list[bytes], preprocessing: Preprocessing) -> list[np.ndarray]:
+    """The images as the exported graph takes them (uint8 pixels: it normalises them itself)."""
     tensors = []
     for data in images:
         try:
-            tensors.append(preprocess(data, preprocessing)[0])
+            tensors.append(model_pixels(data, preprocessing)[0])
         except ImageDecodeError:
             continue
     return tensors
@@ -117,7 +118,7 @@ def _quantize(fp32_path: str, tensors: list[np.ndarray], target: Path) -> None:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {ONNX_INPUT: batch}
+            return None if batch is None else {ONNX_PIXELS: batch}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger()
@@ -130,9 +131,28 @@ def _quantize(fp32_path: str, tensors: list[np.ndarray], target: Path) -> None:
             quant_pre_process(fp32_path, prepared)
             quantize_static(prepared, quantized, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=_input_normalisation(prepared))
         finally:
             quiet.setLevel(level)
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         shutil.copyfile(quantized, temporary)
         os.replace(temporary, target)
+
+
+def _input_normalisation(path: str) -> list[str]:
+    """The nodes between the graph's pixels input and its first convolution (Transpose, Cast, Mul, Add): left in
+    float, so the normalised image is quantized once, at the convolution's input, as before the graph took pixels
+    (quantized, each of them would add a quantize-dequantize pass over the whole image)."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names, value = [], graph.input[0].name
+    while len(following := consumers.get(value, [])) == 1 and following[0].op_type != "Conv":
+        names.append(following[0].name)
+        value = following[0].output[0]
+    return names

@@ -1,5 +1,7 @@
 """Inference runtimes behind one small interface: `load(model bytes, threads, precision) -> Runtime`, then
 `Runtime.run(batch) -> features`. ONNX Runtime and OpenVINO both read the same ONNX bytes; neither needs torch.
+A runtime feeds the batch to its graph's one input, whose name (`input_name`) says what the batch must be:
+"pixels" [N, S, S, 3] uint8 (fruitpipe's exports) or "images" [N, 3, S, S] float32 (graphs exported before).
 
 - onnxruntime: the CPU execution provider, sequential, idle threads sleeping (they would take CPU from the
   decode threads and the other tasks). fp32 and int8 (the QDQ model, fused into int8 kernels on load).
@@ -37,7 +39,7 @@ from fruitpipe.config import AUTO_RUNTIME as AUTO
 from fruitpipe.config import PRECISIONS
 from fruitpipe.config import RUNTIMES as RUNTIME_CHOICES
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.models.specs import ONNX_FEATURES, ONNX_INPUT
+from fruitpipe.models.specs import ONNX_FEATURES, ONNX_PIXELS
 
 ONNXRUNTIME, OPENVINO = (name for name in RUNTIME_CHOICES if name != AUTO)
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
@@ -58,12 +60,15 @@ PROBE_FORMAT = 1
 
 
 class Runtime(Protocol):
-    """A loaded model: run() maps [N, 3, S, S] float32 to [N, D] float32 features."""
+    """A loaded model: run() maps a batch of what its input takes (see the module) to [N, D] float32 features."""
 
     name: str
     precision: str
     threads: int
     choice: Choice
+    input_name: str
+    # The square side S of the input.
+    input_size: int
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -93,9 +98,11 @@ class OnnxRuntimeCPU:
         self.choice = choice or Choice(ONNXRUNTIME, "asked")
         self.session = ort.InferenceSession(model_bytes, sess_options=session_options(threads, allow_spinning),
                                             providers=["CPUExecutionProvider"])
+        graph_input = self.session.get_inputs()[0]
+        self.input_name, self.input_size = graph_input.name, _side(graph_input.name, graph_input.shape)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        (features,) = self.session.run([ONNX_FEATURES], {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)})
+        (features,) = self.session.run([ONNX_FEATURES], {self.input_name: np.ascontiguousarray(batch)})
         return np.asarray(features, dtype=np.float32)
 
     def info(self) -> dict[str, Any]:
@@ -139,9 +146,13 @@ class OpenVinoCPU:
         self.version = ov.get_version()
         self._output = self.compiled.output(ONNX_FEATURES)
         self._request = self.compiled.create_infer_request()
+        graph_input = self.compiled.input(0)
+        self.input_name = graph_input.get_any_name()
+        self.input_size = _side(self.input_name, [dim.get_length() if dim.is_static else None
+                                                  for dim in graph_input.get_partial_shape()])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        result = self._request.infer({0: np.ascontiguousarray(batch, np.float32)}, share_inputs=True)
+        result = self._request.infer({0: np.ascontiguousarray(batch)}, share_inputs=True)
         return np.asarray(result[self._output], dtype=np.float32)
 
     def info(self) -> dict[str, Any]:
@@ -255,8 +266,7 @@ def _auto(model_bytes: bytes, threads: int, precision: str, tasks_per_node: int 
 
 def probe(loaded: dict[str, Runtime], batch_size: int) -> dict[str, float]:
     """Images/s of each runtime on one random batch: the best of PROBE_ROUNDS alternating rounds."""
-    size = _input_size(next(iter(loaded.values())))
-    batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
+    batch = random_batch(next(iter(loaded.values())), batch_size)
     for runtime in loaded.values():
         runtime.run(batch)
     best = dict.fromkeys(loaded, 0.0)
@@ -270,11 +280,17 @@ def probe(loaded: dict[str, Runtime], batch_size: int) -> dict[str, float]:
     return {name: round(rate, 1) for name, rate in best.items()}
 
 
-def _input_size(runtime: Runtime) -> int:
-    if isinstance(runtime, OnnxRuntimeCPU):
-        return int(runtime.session.get_inputs()[0].shape[-1])
-    assert isinstance(runtime, OpenVinoCPU)
-    return int(runtime.compiled.input(0).get_partial_shape()[-1].get_length())
+def random_batch(runtime: Runtime, batch_size: int) -> np.ndarray:
+    """A seeded random batch of what the runtime's graph takes: uint8 pixels or normalised float tensors."""
+    rng, size = np.random.default_rng(0), runtime.input_size
+    if runtime.input_name == ONNX_PIXELS:
+        return rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    return rng.standard_normal((batch_size, 3, size, size)).astype(np.float32)
+
+
+def _side(input_name: str, shape: list) -> int:
+    """The square side of a graph input ("pixels" [N, S, S, 3] or "images" [N, 3, S, S])."""
+    return int(shape[1] if input_name == ONNX_PIXELS else shape[-1])
 
 
 def probe_cache_path(model_sha256: str, precision: str, threads: int, batch_size: int,

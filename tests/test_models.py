@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.images import preprocess
+from fruitpipe.images import model_pixels, normalise, preprocess
 from fruitpipe.models import (
     RANDOM_WEIGHTS,
     ExportedModel,
@@ -206,13 +206,15 @@ def test_onnx_runtime_matches_torch(photos: list[bytes], cache_dir: str) -> None
     spec = get_spec(LITE)
     exported = export_onnx(spec, None, cache_dir)
     prep = spec.preprocessing(exported.input_size)
-    batch = np.stack([preprocess(data, prep)[0] for data in photos])
+    pixels = np.stack([model_pixels(data, prep)[0] for data in photos])
     session = ort.InferenceSession(exported.path, providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["images"]
-    features, logits = session.run(["features", "logits"], {"images": batch})
+    graph_inputs = [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()]
+    assert graph_inputs == [("pixels", "tensor(uint8)", [224, 224, 3])]
+    features, logits = session.run(["features", "logits"], {"pixels": pixels})
     model = build_model(spec, resolve_weights(spec, None, cache_dir)[0])
     with torch.no_grad():
-        torch_features, torch_logits = model(torch.from_numpy(batch))
+        normalised = np.stack([preprocess(data, prep)[0] for data in photos])
+        torch_features, torch_logits = model(torch.from_numpy(normalised))
     assert features.shape == (2, spec.feature_dim) and logits.shape == (2, 1000)
     np.testing.assert_allclose(features, torch_features.numpy(), atol=1e-4)
     np.testing.assert_allclose(logits, torch_logits.numpy(), atol=1e-4)
@@ -248,14 +250,15 @@ def test_export_is_cached_and_reused(cache_dir: str, monkeypatch: pytest.MonkeyP
 
 def test_random_mobilenet_is_deterministic_and_recorded(tmp_path: Path) -> None:
     spec = get_spec(MOBILENET)
-    x = torch.randn(2, 3, 64, 64)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    x = torch.from_numpy(np.stack([normalise(image, spec.preprocessing(64)) for image in pixels]))
     with torch.no_grad():
         first, second = (build_model(spec, RANDOM_WEIGHTS)(x)[0] for _ in range(2))
     assert torch.equal(first, second)
     exported = export_onnx(spec, RANDOM_WEIGHTS, str(tmp_path), input_size=64)
     assert (exported.weights_sha256, exported.input_size) == (RANDOM_WEIGHTS, 64)
     assert Path(exported.path).name == f"{MOBILENET}-random-64-g{GRAPH_VERSION}.onnx"
-    (features,) = ort.InferenceSession(exported.path).run(["features"], {"images": x.numpy()})
+    (features,) = ort.InferenceSession(exported.path).run(["features"], {"pixels": pixels})
     np.testing.assert_allclose(features, first.numpy(), atol=1e-4)
 
 

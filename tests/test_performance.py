@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from fruitpipe.config import build_config
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.images import ImageDecodeError, Preprocessing, _plain_jpeg, decode_rgb, preprocess, to_rgb
+from fruitpipe.images import ImageDecodeError, Preprocessing, _plain_jpeg, decode_rgb, model_pixels, preprocess, to_rgb
 from fruitpipe.inference import create_session, extract_features
 from fruitpipe.models import export_onnx, get_spec
 from fruitpipe.quantize import quantize_int8
@@ -114,7 +114,7 @@ def test_int8_model_is_quantized_cached_and_distinct(int8_model, cache_dir: str)
 
 def test_int8_features_stay_close_to_fp32(int8_model, demo_root: Path) -> None:
     exported, prep, _, path, _ = int8_model
-    batch = np.stack([preprocess(data, prep)[0] for data in _demo_jpegs(demo_root, 40)[16:]])
+    batch = np.stack([model_pixels(data, prep)[0] for data in _demo_jpegs(demo_root, 40)[16:]])
     fp32 = extract_features(create_session(Path(exported.path).read_bytes(), 1), batch)
     int8 = extract_features(create_session(Path(path).read_bytes(), 1), batch)
     cosine = (fp32 * int8).sum(axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))

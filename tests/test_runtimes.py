@@ -17,7 +17,7 @@ from PIL import Image
 
 from fruitpipe import inference, runtimes
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.images import preprocess
+from fruitpipe.images import model_pixels
 from fruitpipe.models import build_model, export_onnx, get_spec, resolve_weights
 from fruitpipe.quantize import quantize_int8
 
@@ -53,7 +53,7 @@ def lite0(cache_dir: str, demo_root: Path) -> tuple[bytes, np.ndarray, np.ndarra
     exported = export_onnx(spec, None, cache_dir)
     prep = spec.preprocessing(exported.input_size)
     photos = [_encode(skimage.data.chelsea(), "PNG"), _encode(skimage.data.coffee(), "JPEG")]
-    batch = np.stack([preprocess(data, prep)[0] for data in photos + _demo_jpegs(demo_root, 6)])
+    batch = np.stack([model_pixels(data, prep)[0] for data in photos + _demo_jpegs(demo_root, 6)])
     classifier = build_model(spec, resolve_weights(spec, None, cache_dir)[0])._fc
     return (Path(exported.path).read_bytes(), batch, classifier.weight.detach().numpy(),
             classifier.bias.detach().numpy())
@@ -67,7 +67,7 @@ def small_int8(cache_dir: str, demo_root: Path) -> tuple[bytes, bytes, np.ndarra
     prep = spec.preprocessing(SMALL_INPUT)
     images = _demo_jpegs(demo_root, 40)
     path, _ = quantize_int8(exported.path, exported.onnx_sha256, prep, images[:16], cache_dir)
-    batch = np.stack([preprocess(data, prep)[0] for data in images[16:]])
+    batch = np.stack([model_pixels(data, prep)[0] for data in images[16:]])
     return Path(exported.path).read_bytes(), Path(path).read_bytes(), batch
 
 

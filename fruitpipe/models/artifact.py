@@ -5,7 +5,8 @@ dependencies, so `run --model-file`, `transform`, `evaluate`, executors and EMR 
 A run folder's `model/` holds the artifact its features were computed with.
 
 Layout of an artifact folder (local or any fsspec URI):
-    feature_extractor.onnx   input "images" [N,3,S,S] float32; outputs "features", "logits"
+    feature_extractor.onnx   input "pixels" [N,S,S,3] uint8 (older artifacts: "images" [N,3,S,S] float32,
+                             normalised); outputs "features", "logits"
     model.json               spec fields, input size, precision, weights and ONNX sha256, fruitpipe version
 """
 

@@ -6,10 +6,10 @@ import numpy as np
 import onnxruntime as ort
 
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.images import ImageDecodeError, preprocess
+from fruitpipe.images import ImageDecodeError, model_pixels
 from fruitpipe.models import ModelSpec, imagenet_classes
 from fruitpipe.models.export import export_onnx
-from fruitpipe.models.specs import ONNX_INPUT, ONNX_LOGITS
+from fruitpipe.models.specs import ONNX_LOGITS, ONNX_PIXELS
 
 
 def predict_topk(images: list[bytes], spec: ModelSpec, weights: str | None, cache_dir: str,
@@ -22,13 +22,13 @@ def predict_topk(images: list[bytes], spec: ModelSpec, weights: str | None, cach
     tensors = []
     for index, data in enumerate(images):
         try:
-            tensors.append(preprocess(data, prep)[0])
+            tensors.append(model_pixels(data, prep)[0])
         except ImageDecodeError as exc:
             raise FruitpipeError(f"image {index}: {exc}") from None
     if not tensors:
         return []
     session = ort.InferenceSession(exported.path, providers=["CPUExecutionProvider"])
-    (logits,) = session.run([ONNX_LOGITS], {ONNX_INPUT: np.stack(tensors)})
+    (logits,) = session.run([ONNX_LOGITS], {ONNX_PIXELS: np.stack(tensors)})
     shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     names = imagenet_classes()

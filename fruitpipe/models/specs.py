@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import Preprocessing
 
-# The ONNX interface of every exported model: input [N, 3, S, S] float32; outputs the pooled features and the
-# ImageNet logits (for `fruitpipe predict`).
+# The ONNX interface of every exported model: input "pixels" [N, S, S, 3] uint8 RGB (the graph normalises);
+# outputs the pooled features and the ImageNet logits (for `fruitpipe predict`). Graphs exported before the
+# normalisation moved into the graph (artifacts and run folders made then) take "images" [N, 3, S, S] float32,
+# normalised; the runtimes tell them apart by that input name.
+ONNX_PIXELS = "pixels"
 ONNX_INPUT = "images"
 ONNX_FEATURES = "features"
 ONNX_LOGITS = "logits"
