@@ -98,7 +98,7 @@ def test_similar_finds_the_image_itself_and_votes_on_test_images_as_evaluate_doe
 
 
 @pytest.mark.spark
-def test_cli_similar_prints_neighbours_and_json(indexed, demo_root, capsys):
+def test_cli_similar_prints_neighbours_and_json(indexed, demo_root, capsys, tmp_path):
     image = str(demo_root / "Training" / "Cherry Wax Red" / "3_100.jpg")
     assert main(["similar", str(indexed), image, "--k", "3", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -107,8 +107,12 @@ def test_cli_similar_prints_neighbours_and_json(indexed, demo_root, capsys):
     nearest = query["neighbours"][0]
     assert nearest["path"] == "Training/Cherry Wax Red/3_100.jpg" and nearest["distance"] < 1e-5
     assert document["failed"] == []
-    assert main(["similar", str(indexed), image, "--k", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a photo")
+    assert main(["similar", str(indexed), image, str(broken), "--k", "2"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert captured.err.strip().splitlines()[-1].startswith(f"fruitpipe: {broken} could not be processed: ")
     assert lines[0].startswith(f"{image}: Cherry Wax Red (") and lines[0].endswith("% of 2 neighbours)")
     assert lines[1].split()[:3] == ["1", "0.0000", "Cherry"] and len(lines) == 3
 
