@@ -19,6 +19,15 @@ feature difference to the plain export.
 
     python bench/graph_bench.py                       # 2 processes x 1 thread, batch 2, 5 rounds x 2 s
     python bench/graph_bench.py --processes 1 --threads 2
+
+With --preprocessing, where an image's CPU goes instead (one thread, CPU seconds, best of --rounds passes over
+demo images of Fruits-360's 100 x 100): per phase outside inference (read, decode with the header read, resize,
+normalise, batch stacking) and inference per image on each runtime, for the graph taking float tensors (before
+issue 10 part 4), fruitpipe's graph taking pixels (after), and a candidate that resizes in the graph too (ONNX
+Resize, linear half_pixel, then Round: the executor only crops), with each one's largest feature difference to
+the float path.
+
+    python bench/graph_bench.py --preprocessing       # about a minute
 """
 
 from __future__ import annotations
@@ -184,7 +193,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--preprocessing", action="store_true", help="per-phase CPU per image instead")
     args = parser.parse_args()
+    if args.preprocessing:
+        print(f"cpu: {_cpu_model()}, {os.cpu_count()} cores")
+        preprocessing_phases(args.batch, args.rounds)
+        return
     inputs = random_inputs(args.batch)
     print(f"cpu: {_cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
           f"{args.processes} processes x {args.threads} threads, batch {args.batch}, "
@@ -204,6 +218,110 @@ def main() -> None:
         diff = float(np.abs(features[name] - features[reference]).max())
         print(f"{name:<15} {median:7.1f} {median / base:8.2f}x {pads[name]:9d} {diff:10.1e}  "
               + " ".join(f"{rate:.0f}" for rate in rates[name]))
+
+
+def _resizing_graph(folder: Path) -> Path:
+    """The network behind uint8 [N, 100, 100, 3] pixels, resized in the graph (linear, half_pixel, each pixel
+    rounded as PIL rounds to uint8) and normalised: the candidate that leaves the executor only the crop."""
+    import torch
+    import torch.nn.functional as F
+
+    from fruitpipe.models import build_model, get_spec, resolve_weights
+
+    spec = get_spec(MODEL)
+    network = build_model(spec, resolve_weights(spec, None, DEFAULT_CACHE_DIR)[0], SIZE)
+    scale, shift = (torch.from_numpy(value) for value in spec.preprocessing(SIZE).scale_and_shift())
+
+    class ResizingInput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = F.interpolate(pixels.permute(0, 3, 1, 2).float(), size=(SIZE, SIZE), mode="bilinear",
+                              align_corners=False)
+            return self.network(torch.round(x) * scale + shift)
+
+    path = folder / "resize-in-graph.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ResizingInput().eval(), (torch.zeros(1, 100, 100, 3, dtype=torch.uint8),), path,
+                          dynamo=False, input_names=[PIXELS_NAME], output_names=[FEATURES_OUTPUT, "logits"],
+                          dynamic_axes={PIXELS_NAME: {0: "batch"}}, opset_version=17)
+    return path
+
+
+def _cpu_us(function, items: list, rounds: int) -> float:
+    """Best CPU microseconds per item of `function` over all items, in this thread and any it starts."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        for item in items:
+            function(item)
+        best = min(best, (time.process_time() - started) / len(items) * 1e6)
+    return best
+
+
+def preprocessing_phases(batch_size: int, rounds: int) -> None:
+    """Per-image CPU per phase and inference for the float path, the pixels path and the resize-in-graph path."""
+    from fruitpipe import runtimes
+    from fruitpipe.demo_data import generate_demo_dataset
+    from fruitpipe.images import decode_rgb, image_size, square_pixels
+    from fruitpipe.models import build_model, export_onnx, resolve_weights
+
+    spec = get_spec(MODEL)
+    prep = spec.preprocessing(SIZE)
+    with tempfile.TemporaryDirectory(prefix="fruitpipe-phases-") as work:
+        folder = Path(work)
+        generate_demo_dataset(str(folder / "demo"), classes=8, per_class=16, seed=0, test_per_class=1)
+        files = sorted((folder / "demo").glob("Training/*/*.jpg"))
+        network = build_model(spec, resolve_weights(spec, None, DEFAULT_CACHE_DIR)[0], SIZE)
+        graphs = {"float": folder / "float-input.onnx", "pixels": Path(export_onnx(spec, None, DEFAULT_CACHE_DIR).path),
+                  "resize in graph": _resizing_graph(folder)}
+        _export(network, graphs["float"], [FEATURES_OUTPUT, "logits"], 17)
+        blobs = [path.read_bytes() for path in files]
+        images = [decode_rgb(data, SIZE)[0] for data in blobs]
+        squares = [square_pixels(image, prep) for image in images]
+        crops = [np.asarray(image) for image in images]  # Fruits-360 images are square: the crop is the image
+        tensors = [normalise(pixels, prep) for pixels in squares]
+        inputs = {"float": tensors, "pixels": squares, "resize in graph": crops}
+        groups = range(0, len(files) - batch_size + 1, batch_size)
+        host = {
+            "read": _cpu_us(Path.read_bytes, files, rounds),
+            "decode (+ header read)": _cpu_us(lambda data: (decode_rgb(data, SIZE), image_size(data)), blobs, rounds),
+            "resize (PIL)": _cpu_us(lambda image: square_pixels(image, prep), images, rounds),
+            "normalise": _cpu_us(lambda pixels: normalise(pixels, prep), squares, rounds),
+        }
+        stack = {kind: _cpu_us(lambda i, kind=kind: np.stack(inputs[kind][i:i + batch_size]), list(groups), rounds)
+                 / batch_size for kind in graphs}
+        phases = {"float": ["read", "decode (+ header read)", "resize (PIL)", "normalise"],
+                  "pixels": ["read", "decode (+ header read)", "resize (PIL)"],
+                  "resize in graph": ["read", "decode (+ header read)"]}
+        batches = {kind: [np.stack(inputs[kind][i:i + batch_size]) for i in groups] for kind in graphs}
+        loaded = {(kind, name): runtimes.load(path.read_bytes(), 1, "fp32", name)
+                  for kind, path in graphs.items() for name in runtimes.RUNTIMES}
+        features = {key: np.concatenate([runtime.run(batch) for batch in batches[key[0]]])
+                    for key, runtime in loaded.items()}
+        # Rounds alternate between the graphs, so a busy machine slows them alike.
+        infer = dict.fromkeys(loaded, float("inf"))
+        for _ in range(rounds):
+            for key, runtime in loaded.items():
+                infer[key] = min(infer[key], _cpu_us(runtime.run, batches[key[0]], 1) / batch_size)
+    kinds = list(graphs)
+    print(f"\n== CPU us per image, one thread, {len(files)} demo images (100 x 100 JPEG), batch {batch_size}, "
+          f"best of {rounds}; load {os.getloadavg()[0]:.1f}")
+    print(f"{'phase':<28}" + "".join(f"{kind:>17}" for kind in kinds))
+    for phase in host:
+        print(f"{phase:<28}" + "".join(f"{host[phase]:17.0f}" if phase in phases[kind] else f"{'-':>17}"
+                                       for kind in kinds))
+    print(f"{'stack the batch':<28}" + "".join(f"{stack[kind]:17.0f}" for kind in kinds))
+    outside = {kind: sum(host[phase] for phase in phases[kind]) + stack[kind] for kind in kinds}
+    print(f"{'= outside inference':<28}" + "".join(f"{outside[kind]:17.0f}" for kind in kinds))
+    for name in runtimes.RUNTIMES:
+        print(f"{'inference, ' + name:<28}" + "".join(f"{infer[kind, name]:17.0f}" for kind in kinds))
+        print(f"{'= total, ' + name:<28}" + "".join(f"{outside[kind] + infer[kind, name]:17.0f}" for kind in kinds))
+        print(f"{'max |diff| to float, ' + name:<28}" + "".join(
+            f"{np.abs(features[kind, name] - features['float', name]).max():17.1e}" for kind in kinds))
 
 
 def _cpu_model() -> str:

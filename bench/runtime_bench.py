@@ -93,7 +93,7 @@ def _worker(files: dict[str, bytes], configs: list[tuple[str, str]], threads: in
 def ceilings(files: dict[str, bytes], configs: list[tuple[str, str]], processes: int, threads: int, batch_size: int,
              rounds: int, seconds: float) -> dict[tuple[str, str], list[float]]:
     """Images/s per configuration and round, summed over the processes."""
-    batch = np.random.default_rng(0).standard_normal((batch_size, 3, 224, 224)).astype(np.float32)
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)  # the graph's pixels
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(processes), context.Queue()
     workers = [context.Process(target=_worker, args=(files, configs, threads, processes, batch, rounds, seconds,
@@ -112,17 +112,17 @@ def quality(files: dict[str, bytes], prep, configs: list[tuple[str, str]]) -> No
     import torch
     from PIL import Image
 
-    from fruitpipe.images import preprocess
+    from fruitpipe.images import model_pixels
     from fruitpipe.models import build_model, get_spec, imagenet_classes, resolve_weights
 
     paths = sorted(DEMO.glob("Training/*/*.jpg"))
     labels = np.array([p.parent.name for p in paths])
-    demo = np.stack([preprocess(p.read_bytes(), prep)[0] for p in paths])
+    demo = np.stack([model_pixels(p.read_bytes(), prep)[0] for p in paths])
     photos = []
     for array, fmt in ((skimage.data.chelsea(), "PNG"), (skimage.data.coffee(), "JPEG")):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, fmt)
-        photos.append(preprocess(buffer.getvalue(), prep)[0])
+        photos.append(model_pixels(buffer.getvalue(), prep)[0])
     spec = get_spec(MODEL)
     fc = build_model(spec, resolve_weights(spec, None, DEFAULT_CACHE_DIR)[0])._fc
     names = imagenet_classes()
