@@ -21,7 +21,14 @@ from PIL import Image
 import fruitpipe
 from fruitpipe.cli import main
 from fruitpipe.report import load_documents, photos, render
-from fruitpipe.report.thumbnails import PLACEHOLDER, THUMBNAIL_PX, Photo, read_thumbnails, thumbnail
+from fruitpipe.report.thumbnails import (
+    PLACEHOLDER,
+    THUMBNAIL_PX,
+    Photo,
+    read_thumbnails,
+    thumbnail,
+)
+from fruitpipe.run_folder import Duplicates
 from tests.support.moto_server import MotoServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,6 +37,8 @@ EMBEDDED_PHOTO = re.compile(r"\.(p\d+)\{background-image:url\(data:image/webp;ba
 # A FULL run: Fruits-360's Training split.
 FULL_IMAGES, FULL_CLASSES = 67_692, 131
 PAGE_LIMIT_BYTES = 10_000_000
+# The reported run: 3 classes x 12 demo photos, one corrupt, and a re-encoded copy.
+IMAGES_WITH_FEATURES = 36
 # Written into a copy of the page: after load, record whether every <img> decoded.
 IMAGE_CHECK = """<script>
 window.addEventListener("load", () => {
@@ -95,16 +104,25 @@ def _embedded_photos(text: str) -> dict[str, bytes]:
     return {name: base64.b64decode(data) for name, data in EMBEDDED_PHOTO.findall(text)}
 
 
+def _reencode(original: Path, copy: Path) -> None:
+    with Image.open(original) as image:
+        image.save(copy, quality=85)
+
+
 @pytest.fixture(scope="module")
 def reported_run(demo_root, spark, cache_dir, tmp_path_factory) -> Path:
-    """A run over three demo classes plus one corrupt JPEG and one stray text file, evaluated, then reported."""
+    """A run over three demo classes plus one corrupt JPEG, one stray text file, a re-encoded copy of a photo filed
+    under another class and a test photo re-encoded from a training one, evaluated, then reported."""
     source = tmp_path_factory.mktemp("report-source")
     labels = sorted(p.name for p in (demo_root / "Training").iterdir())[:3]
     for split in ("Training", "Test"):
         for label in labels:
             shutil.copytree(demo_root / split / label, source / split / label)
-    sorted((source / "Training" / labels[0]).glob("*.jpg"))[0].write_bytes(b"\xff\xd8 truncated")
+    photos_of = [sorted((source / "Training" / label).glob("*.jpg")) for label in labels]
+    photos_of[0][0].write_bytes(b"\xff\xd8 truncated")
     (source / "Training" / labels[1] / "notes.txt").write_text("not an image")
+    _reencode(photos_of[0][1], source / "Training" / labels[2] / "copy.jpg")
+    _reencode(photos_of[1][1], source / "Test" / labels[1] / "leaked.jpg")
     run_dir = tmp_path_factory.mktemp("report-runs") / "run"
     fruitpipe.run(source=str(source), output=str(run_dir), pca_k=5, shard_size=16, cache_dir=cache_dir, quiet=True)
     fruitpipe.evaluate_run(str(run_dir), str(source), quiet=True)
@@ -127,15 +145,19 @@ def test_report_renders_in_headless_chromium_with_every_figure(reported_run, tmp
     assert attributes == {"images": str(FIGURES), "images-ok": "true"}
     assert console == []
 
-    # 35 images with features (3 classes x 12, one corrupt): every one a map point, 3 strips of 8, each photo once.
+    # Every image with features is a map point, 3 strips of 8; each photo (with the mistakes') embedded once.
     embedded = _embedded_photos(text)
-    assert text.count("<circle ") == 35 and len(embedded) == 35
+    documents = load_documents(str(reported_run))
+    mistakes = set(photos.confusion_photos(documents.evaluation, documents.manifest["source"]))
+    mapped = {Photo(documents.manifest["source"], path) for path in documents.pca.column("path").to_pylist()}
+    assert text.count("<circle ") == IMAGES_WITH_FEATURES and len(embedded) == len(mapped | mistakes)
     assert text.count('<div class="strip">') == 3 and text.count('role="img" title=') == 3 * 8
     assert PLACEHOLDER not in re.findall(r'class="ph ([a-z0-9]+)"', text)
     for data in embedded.values():
         with Image.open(io.BytesIO(data)) as photo:
             assert photo.format == "WEBP" and max(photo.size) == THUMBNAIL_PX
     assert "Misclassified test photos" in text
+    assert 'id="duplicates"' not in text, "no duplicates section before `fruitpipe duplicates` ran"
 
     screenshot = tmp_path / "report.png"
     shot = _chromium(tmp_path / "profile-shot", f"--screenshot={screenshot}", "--window-size=1280,4000",
@@ -154,8 +176,8 @@ def test_hovering_a_map_point_shows_its_photo_label_and_path(reported_run, tmp_p
     page = Path(fruitpipe.write_report(str(reported_run)))
     seen, console = _probe(page, tmp_path, HOVER_CHECK)
     assert console == []
-    assert (seen["points"], seen["hidden-before"], seen["hidden"], seen["hidden-after"]) == ("35", "true", "false",
-                                                                                              "true")
+    assert seen["points"] == str(IMAGES_WITH_FEATURES)
+    assert (seen["hidden-before"], seen["hidden"], seen["hidden-after"]) == ("true", "false", "true")
     assert (seen["label"], seen["path"]) == (seen["point-label"], seen["point-path"])
     run = fruitpipe.load_run(str(reported_run))
     assert dict(zip(run.pca()["path"], run.pca()["label"]))[seen["path"]] == seen["label"]
@@ -163,6 +185,31 @@ def test_hovering_a_map_point_shows_its_photo_label_and_path(reported_run, tmp_p
     assert seen["background"].startswith('url("data:image/webp;base64,')
     source = Path(load_documents(str(reported_run)).manifest["source"])
     assert _embedded_photos(page.read_text(encoding="utf-8"))[name] == thumbnail((source / seen["path"]).read_bytes())
+
+
+@pytest.mark.spark
+def test_near_duplicates_and_leaked_test_images_show_as_photos(reported_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reported_run, run_dir)
+    assert main(["duplicates", str(run_dir), "--test", str(run_dir / "evaluation" / "test_run")]) == 0
+    assert "1 near-duplicate groups" in capsys.readouterr().out
+    text = Path(fruitpipe.write_report(str(run_dir))).read_text(encoding="utf-8")
+    assert '<a href="#duplicates">' in text
+    section = text[text.index('<section id="duplicates">'):]
+    section = section[:section.index("</section>")]
+    source = Path(load_documents(str(run_dir)).manifest["source"])
+    shown = re.findall(r'class="ph ([a-z0-9]+)" role="img" title="([^"]+)"', section)
+    labels = sorted(p.name for p in (source / "Training").iterdir())
+    original = sorted((source / "Training" / labels[0]).glob("*.jpg"))[1].relative_to(source).as_posix()
+    leaked_from = sorted((source / "Training" / labels[1]).glob("*.jpg"))[1].relative_to(source).as_posix()
+    # One group (the photo and its copy filed under another class), then the leaked test photo beside its original.
+    assert [html.unescape(path) for _, path in shown] == sorted([original, f"Training/{labels[2]}/copy.jpg"]) + [
+        f"Test/{labels[1]}/leaked.jpg", leaked_from]
+    embedded = _embedded_photos(text)
+    for name, path in shown:
+        assert embedded[name] == thumbnail((source / html.unescape(path)).read_bytes()), path
+    assert "<b>1</b> of them hold more than one label" in section and f"{labels[0]} / {labels[2]}" in section
+    assert "1 of 13 test images" in section
 
 
 def test_a_missing_or_unreadable_photo_shows_the_placeholder(demo_root, tmp_path):
@@ -187,34 +234,32 @@ def test_a_missing_or_unreadable_photo_shows_the_placeholder(demo_root, tmp_path
     assert section.index('class="thumb same"') > section.index('class="thumb other"')
 
 
-def _full_size_source(root: Path) -> tuple[list[str], list[str]]:
-    """A FULL run's worth of paths under `root` (131 classes, 67,692 training images, 8 test images per class), each a
-    link to one of 64 noise JPEGs: noise is the worst case for a thumbnail's size. Returns labels and paths."""
+def _full_size_paths() -> tuple[list[str], list[str]]:
+    """Labels and paths of a FULL run's training images: 131 classes, 67,692 images."""
+    sizes = np.full(FULL_CLASSES, FULL_IMAGES // FULL_CLASSES)
+    sizes[:FULL_IMAGES % FULL_CLASSES] += 1
+    pairs = [(f"Class {number:03d}", f"Training/Class {number:03d}/{image}_100.jpg")
+             for number, size in enumerate(sizes) for image in range(size)]
+    return [label for label, _ in pairs], [path for _, path in pairs]
+
+
+def _link_noise_photos(root: Path, wanted: set[Photo]) -> None:
+    """Each wanted photo a link to one of 64 noise JPEGs (noise is the worst case for a thumbnail's size); the page
+    then shows a placeholder for any photo it reads beyond those."""
     rng = np.random.default_rng(0)
     pool = root / "pool"
     pool.mkdir(parents=True)
     for number in range(64):
         Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(pool / f"{number}.jpg", quality=90)
-    sizes = np.full(FULL_CLASSES, FULL_IMAGES // FULL_CLASSES)
-    sizes[:FULL_IMAGES % FULL_CLASSES] += 1
-    labels, paths = [], []
-    for number, size in enumerate(sizes):
-        label = f"Class {number:03d}"
-        for split, count in (("Training", size), ("Test", 8)):
-            (root / split / label).mkdir(parents=True)
-            for image in range(count):
-                path = f"{split}/{label}/{image}_100.jpg"
-                os.symlink(pool / f"{(number + image) % 64}.jpg", root / path)
-                if split == "Training":
-                    labels.append(label)
-                    paths.append(path)
-    return labels, paths
+    for number, photo in enumerate(sorted(wanted)):
+        (root / photo.path).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(pool / f"{number % 64}.jpg", root / photo.path)
 
 
 @pytest.mark.spark
 def test_a_full_size_run_makes_a_page_under_10_mb(reported_run, tmp_path):
     source = tmp_path / "full"
-    labels, paths = _full_size_source(source)
+    labels, paths = _full_size_paths()
     real = load_documents(str(reported_run))
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(len(paths), 5)).astype(np.float32)
@@ -227,14 +272,33 @@ def test_a_full_size_run_makes_a_page_under_10_mb(reported_run, tmp_path):
                 for n in range(30)]
     evaluation = {**real.evaluation, "test_source": str(source), "misclassified_pca_1nn": mistakes,
                   "per_class": [{**real.evaluation["per_class"][0], "label": label} for label in classes]}
+    # 40 groups of 10 photos and 100 leaks: more than the page shows of either.
+    members = [(group, f"Training/{classes[group]}/{200 + image}_100.jpg")
+               for group in range(40) for image in range(10)]
+    leaks = [(f"Test/{classes[n]}/{n % 8}_100.jpg", f"Training/{classes[n]}/{300 + n}_100.jpg") for n in range(100)]
+    found = Duplicates(
+        pa.table({"group_id": [g for g, _ in members], "path": [p for _, p in members],
+                  "label": [p.split("/")[1] for _, p in members], "distance": [0.0005] * len(members)}),
+        pa.table({"test_path": [t for t, _ in leaks], "test_label": [t.split("/")[1] for t, _ in leaks],
+                  "train_path": [t for _, t in leaks], "train_label": [t.split("/")[1] for _, t in leaks],
+                  "distance": [0.0003] * len(leaks)}),
+        {"groups": 40, "images_in_groups": 400, "images": len(paths), "largest_group": 10, "cross_label_groups": 0,
+         "threshold": 0.0012, "measure": "pixel fingerprint", "test_run": str(tmp_path / "test-run"),
+         "test_images": 8 * FULL_CLASSES, "leaked_test_images": 100,
+         "leaked_per_class": {label: 1 for label in classes[:100]},
+         "nn_distance_histogram": [{"from": 0.0, "to": 0.0012, "images": 400}]})
+    duplicates = photos.DuplicateFindings(found, str(source), str(source))
     documents = dataclasses.replace(
         real, manifest={**real.manifest, "source": str(source)}, pca=pca, evaluation=evaluation,
-        metadata=pa.table({"label": labels, "status": ["ok"] * len(labels)}))
+        metadata=pa.table({"label": labels, "status": ["ok"] * len(labels)}), duplicates=duplicates)
+
+    shown = photos.sample_run(str(source), labels, paths, vectors)
+    expected = set(shown.photos()) | set(photos.confusion_photos(evaluation, str(source))) | set(duplicates.photos())
+    assert len(duplicates.photos()) == photos.GROUPS_SHOWN * photos.GROUP_PHOTOS + 2 * photos.LEAKS_SHOWN
+    _link_noise_photos(source, expected)
 
     page = render(documents, str(reported_run)).encode("utf-8")
 
-    shown = photos.sample_run(str(source), labels, paths, vectors)
-    expected = set(shown.photos()) | set(photos.confusion_photos(evaluation, str(source)))
     assert len(_embedded_photos(page.decode())) == len(expected) > photos.MAP_POINTS
     assert page.count(b"<circle ") == len(shown.paths) < photos.MAP_POINTS + FULL_CLASSES
     assert PLACEHOLDER.encode() not in set(re.findall(rb'class="ph ([a-z0-9]+)"', page))

@@ -22,12 +22,14 @@ import pyarrow as pa
 import yaml
 
 from fruitpipe import sinks
+from fruitpipe.errors import FruitpipeError
 from fruitpipe.evaluate import METHOD_TITLES, METHODS
 from fruitpipe.report import figures, photos
 from fruitpipe.report.thumbnails import Thumbnails, read_thumbnails
 from fruitpipe.run_folder import ERRORS, METADATA, PCA, RunFolder
 
 ERROR_ROWS = 200
+LEAKING_CLASSES_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,17 @@ class RunDocuments:
     errors: pa.Table
     pca: pa.Table
     evaluation: dict | None
+    duplicates: photos.DuplicateFindings | None
 
 
 def load_documents(run_dir: str) -> RunDocuments:
     """Read a finished run's documents and the report's columns of its datasets."""
     folder = RunFolder.finished(run_dir)
     folder.result()  # one clear line, rather than a missing file, when the manifest or model_info is gone
+    manifest = folder.manifest()
+    found = folder.duplicates()
     return RunDocuments(
-        manifest=folder.manifest(),
+        manifest=manifest,
         model_info=folder.model_info(),
         pca_model=folder.pca_description(),
         config_text=folder.config_text(),
@@ -57,7 +62,19 @@ def load_documents(run_dir: str) -> RunDocuments:
         errors=folder.table(ERRORS),
         pca=folder.table(PCA, columns=["path", "label", "pca"]),
         evaluation=folder.evaluation(),
+        duplicates=None if found is None else photos.DuplicateFindings(
+            found, manifest["source"], _source_of(found.summary.get("test_run"))),
     )
+
+
+def _source_of(run_dir: str | None) -> str | None:
+    """The source of another run (the one `duplicates --test` compared), or None where it cannot be read."""
+    if run_dir is None:
+        return None
+    try:
+        return RunFolder.finished(run_dir).manifest()["source"]
+    except (FruitpipeError, OSError, KeyError):
+        return None
 
 
 def build_report(run_dir: str) -> str:
@@ -75,7 +92,8 @@ def render(documents: RunDocuments, run_dir: str) -> str:
     labels = pca.column("label").to_pylist()
     sample = photos.sample_run(manifest["source"], labels, pca.column("path").to_pylist(),
                                sinks.vectors_matrix(pca, "pca"))
-    thumbnails = read_thumbnails(sample.photos() + photos.confusion_photos(documents.evaluation, manifest["source"]))
+    thumbnails = read_thumbnails(sample.photos() + photos.confusion_photos(documents.evaluation, manifest["source"])
+                                 + (documents.duplicates.photos() if documents.duplicates else []))
     class_sizes = dict(zip(*np.unique(np.asarray(labels, dtype=object), return_counts=True)))
     return template.substitute(
         photo_style=thumbnails.style(),
@@ -88,6 +106,8 @@ def render(documents: RunDocuments, run_dir: str) -> str:
         errors=_errors_section(documents.errors),
         timing=_timing_section(documents.model_info),
         evaluation=_evaluation_section(documents.evaluation, manifest["source"], thumbnails),
+        duplicates_nav='<a href="#duplicates">duplicates</a>' if documents.duplicates else "",
+        duplicates=_duplicates_section(documents.duplicates, thumbnails) if documents.duplicates else "",
         config=_config_section(documents),
     )
 
@@ -137,7 +157,7 @@ def _summary(documents: RunDocuments) -> str:
         (f"{manifest['shards']} ({manifest['shards_resumed']} resumed)", "shards"),
     ])
     outputs = _table(["output", "format", "parts", "rows"],
-                     [(name, value["format"], value["parts"], value["rows"])
+                     [(name, value["format"], value.get("parts"), value.get("rows"))  # index/, duplicates/: no parts
                       for name, value in manifest["outputs"].items()], [False, False, True, True])
     return cards + "<h3>Outputs</h3>" + outputs
 
@@ -234,6 +254,37 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None, train_source: str,
             + "<h3>Misclassified test photos and their nearest training photos (PCA 1-NN)</h3>"
             + photos.confusions_html(evaluation, train_source, thumbnails)
             + f"<details><summary>per class, weakest first ({len(ranked)} classes)</summary>{per_class}</details>")
+
+
+def _duplicates_section(findings: photos.DuplicateFindings, thumbnails: Thumbnails) -> str:
+    """What `fruitpipe duplicates` found, as counts, photos and the nearest-neighbour distance histogram."""
+    summary = findings.found.summary
+    default = " (the default)" if summary.get("threshold_is_default") else ""
+    parts = [(f"<p>{summary['groups']:,} groups of near-identical images hold {summary['images_in_groups']:,} of "
+              f"{summary['images']:,} training images (the largest {summary['largest_group']:,}); "
+              f"<b>{summary['cross_label_groups']:,}</b> of them hold more than one label: likely label errors.</p>"
+              if summary["groups"] else
+              f'<p class="ok">No near-identical images among the {summary["images"]:,} training images.</p>')
+             + f'<p class="note">Distance: {html.escape(str(summary.get("measure", "")))}; near-identical below '
+             f"{summary['threshold']:g}{default}.</p>"]
+    groups = findings.groups()
+    if groups:
+        parts.append(f"<h3>Groups ({len(groups)} of {summary['groups']:,} shown: mixed labels first, then the "
+                     "largest)</h3>" + photos.duplicate_groups_html(findings, thumbnails))
+    if findings.found.leaks is not None:
+        leaked = sorted(summary.get("leaked_per_class", {}).items(), key=lambda item: (-item[1], item[0]))
+        parts.append(f"<h3>Test images leaked from training</h3><p>{summary.get('leaked_test_images', 0):,} of "
+                     f"{summary.get('test_images', 0):,} test images of {html.escape(str(summary['test_run']))} "
+                     "have a near-identical training image.</p>")
+        if leaked:
+            parts.append(_table(["class", "leaked test images"], leaked[:LEAKING_CLASSES_SHOWN], [False, True])
+                         + photos.leaks_html(findings, thumbnails))
+    histogram = summary.get("nn_distance_histogram") or []
+    if histogram:
+        parts.append("<details><summary>each training image's distance to its nearest other image</summary>"
+                     + _table(["from", "to", "images"], [(b["from"], b["to"], b["images"]) for b in histogram],
+                              [True, True, True]) + "</details>")
+    return f'<section id="duplicates"><h2>Near-duplicates and leaked test images</h2>{"".join(parts)}</section>'
 
 
 def _config_section(documents: RunDocuments) -> str:

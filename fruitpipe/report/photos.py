@@ -1,4 +1,5 @@
-"""The report's photo sections: example strips per class, the PCA map with its hover, and the evaluation's confusions.
+"""The report's photo sections: example strips per class, the PCA map with its hover, the evaluation's confusions,
+and the near-duplicate groups and leaked test images `fruitpipe duplicates` found.
 
 A FULL run holds 67,692 images in 131 classes, so the page shows a sample: at most about MAP_POINTS map points,
 spread over the classes by size (each class at least its strip), and every strip drawn from those points. Each
@@ -16,12 +17,16 @@ from typing import Any
 import numpy as np
 
 from fruitpipe.report.thumbnails import Photo, Thumbnails
+from fruitpipe.run_folder import Duplicates
 
 MAP_POINTS = 2000
 STRIP_PHOTOS = 8
 MAP_WIDTH, MAP_HEIGHT, MAP_MARGIN = 880, 560, 16
 POINT_RADIUS = 3.5
 OTHER_CLASSES_COLOUR = "#bbbbbb"
+GROUPS_SHOWN = 12
+GROUP_PHOTOS = 8
+LEAKS_SHOWN = 12
 
 
 @dataclass(frozen=True)
@@ -145,3 +150,67 @@ def confusions_html(evaluation: Mapping[str, Any], train_source: str, thumbnails
 
 def _figure(tag: str, caption: str, kind: str) -> str:
     return f'<figure class="thumb {kind}">{tag}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+@dataclass(frozen=True)
+class DuplicateFindings:
+    """What `fruitpipe duplicates` wrote, and the sources its paths are relative to (None: the test run is gone,
+    so its photos show the placeholder)."""
+
+    found: Duplicates
+    source: str
+    test_source: str | None
+
+    def groups(self) -> list[list[dict[str, Any]]]:
+        """The groups shown: those holding more than one label first (likely label errors), then the largest;
+        members nearest first, at most GROUP_PHOTOS each."""
+        members: dict[int, list[dict[str, Any]]] = {}
+        for row in self.found.groups.to_pylist():
+            members.setdefault(row["group_id"], []).append(row)
+        ranked = sorted(members.values(), key=lambda rows: (len({r["label"] for r in rows}) == 1, -len(rows),
+                                                            rows[0]["group_id"]))
+        return [sorted(rows, key=lambda r: (r["distance"], r["path"])) for rows in ranked[:GROUPS_SHOWN]]
+
+    def leaks(self) -> list[dict[str, Any]]:
+        """The leaked test images shown: the closest first."""
+        rows = [] if self.found.leaks is None else self.found.leaks.to_pylist()
+        return sorted(rows, key=lambda r: (r["distance"], r["test_path"]))[:LEAKS_SHOWN]
+
+    def test_photo(self, path: str) -> Photo:
+        return Photo(self.test_source or "", path)
+
+    def photos(self) -> list[Photo]:
+        shown = [Photo(self.source, row["path"]) for rows in self.groups() for row in rows[:GROUP_PHOTOS]]
+        for leak in self.leaks():
+            shown.append(Photo(self.source, leak["train_path"]))
+            if self.test_source is not None:
+                shown.append(self.test_photo(leak["test_path"]))
+        return shown
+
+
+def duplicate_groups_html(findings: DuplicateFindings, thumbnails: Thumbnails) -> str:
+    """The shown near-duplicate groups, one row of photos each, captioned with label and distance."""
+    rows_html = []
+    for rows in findings.groups():
+        labels = sorted({row["label"] for row in rows})
+        mixed = f", {html.escape(' / '.join(labels))}" if len(labels) > 1 else ""
+        more = f'<span class="arrow">+{len(rows) - GROUP_PHOTOS} more</span>' if len(rows) > GROUP_PHOTOS else ""
+        photos = "".join(_figure(thumbnails.tag(Photo(findings.source, row["path"]), row["path"]),
+                                 f"{row['label']} {row['distance']:.2g}", "other" if mixed else "same")
+                         for row in rows[:GROUP_PHOTOS])
+        rows_html.append(f'<div class="confusion"><span class="arrow">group {rows[0]["group_id"]}: {len(rows)} '
+                         f"images{mixed}</span>{photos}{more}</div>")
+    return "".join(rows_html)
+
+
+def leaks_html(findings: DuplicateFindings, thumbnails: Thumbnails) -> str:
+    """The shown leaked test photos, each beside its near-identical training photo."""
+    rows = []
+    for leak in findings.leaks():
+        test = _figure(thumbnails.tag(findings.test_photo(leak["test_path"]), leak["test_path"]),
+                       f"test: {leak['test_label']}", "wrong")
+        train = _figure(thumbnails.tag(Photo(findings.source, leak["train_path"]), leak["train_path"]),
+                        f"{leak['train_label']} {leak['distance']:.2g}",
+                        "same" if leak["train_label"] == leak["test_label"] else "other")
+        rows.append(f'<div class="confusion">{test}<span class="arrow">nearest training photo</span>{train}</div>')
+    return "".join(rows)
