@@ -198,8 +198,8 @@ def duplicate_groups_html(findings: DuplicateFindings, thumbnails: Thumbnails) -
         photos = "".join(_figure(thumbnails.tag(Photo(findings.source, row["path"]), row["path"]),
                                  f"{row['label']} {row['distance']:.2g}", "other" if mixed else "same")
                          for row in rows[:GROUP_PHOTOS])
-        rows_html.append(f'<div class="confusion"><span class="arrow">group {rows[0]["group_id"]}: {len(rows)} '
-                         f"images{mixed}</span>{photos}{more}</div>")
+        rows_html.append(f'<div class="confusion"><div class="strip-label"><b>group {rows[0]["group_id"]}</b>'
+                         f"<span>{len(rows)} images{mixed}</span></div>{photos}{more}</div>")
     return "".join(rows_html)
 
 
