@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -316,6 +317,8 @@ def test_the_image_check_notices_broken_images_and_console_errors(tmp_path):
 @pytest.mark.s3
 @pytest.mark.spark
 def test_report_of_a_run_folder_on_s3(reported_run, monkeypatch):
+    """The run folder and its source photos in S3: the page reads both there."""
+    source = Path(load_documents(str(reported_run)).manifest["source"])
     with MotoServer() as moto:
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         for name, value in moto.env().items():
@@ -324,9 +327,17 @@ def test_report_of_a_run_folder_on_s3(reported_run, monkeypatch):
         s3.create_bucket(Bucket="runs", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
         for path in reported_run.rglob("*"):
             relative = path.relative_to(reported_run).as_posix()
-            if path.is_file() and not relative.startswith(("report/", "evaluation/test_run/")):
+            if path.is_file() and relative != "manifest.json" and not relative.startswith(("report/",
+                                                                                          "evaluation/test_run/")):
                 s3.upload_file(str(path), "runs", f"demo/{relative}")
+        for path in (source / "Training").rglob("*.jpg"):
+            s3.upload_file(str(path), "runs", f"photos/{path.relative_to(source).as_posix()}")
+        manifest = {**load_documents(str(reported_run)).manifest, "source": "s3://runs/photos"}
+        s3.put_object(Bucket="runs", Key="demo/manifest.json", Body=json.dumps(manifest).encode())
         assert fruitpipe.write_report("s3://runs/demo/") == "s3://runs/demo/report/index.html"
         remote = s3.get_object(Bucket="runs", Key="demo/report/index.html")["Body"].read().decode()
     assert remote.count('src="data:image/png;base64,') == FIGURES
     assert "s3://runs/demo/" in remote and "2 images failed" in remote and "PCA-5" in remote
+    local = _embedded_photos(render(load_documents(str(reported_run)), str(reported_run)))
+    assert remote.count("<circle ") == IMAGES_WITH_FEATURES
+    assert sorted(_embedded_photos(remote).values()) == sorted(local.values())
