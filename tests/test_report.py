@@ -22,6 +22,7 @@ from PIL import Image
 import fruitpipe
 from fruitpipe.cli import main
 from fruitpipe.report import load_documents, photos, render
+from fruitpipe.report import thumbnails as thumbnails_module
 from fruitpipe.report.thumbnails import (
     PLACEHOLDER,
     THUMBNAIL_PX,
@@ -30,6 +31,7 @@ from fruitpipe.report.thumbnails import (
     thumbnail,
 )
 from fruitpipe.run_folder import Duplicates
+from fruitpipe.storage import StorageUnavailable
 from tests.support.moto_server import MotoServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -304,6 +306,19 @@ def test_a_full_size_run_makes_a_page_under_10_mb(reported_run, tmp_path):
     assert page.count(b"<circle ") == len(shown.paths) < photos.MAP_POINTS + FULL_CLASSES
     assert PLACEHOLDER.encode() not in set(re.findall(rb'class="ph ([a-z0-9]+)"', page))
     assert len(page) < PAGE_LIMIT_BYTES, f"{len(page):,} bytes"
+
+
+def test_a_store_that_stays_unreachable_is_not_asked_again(demo_root, monkeypatch):
+    asked = []
+
+    def unreachable(location, path):
+        asked.append(path)
+        raise StorageUnavailable("storage unavailable: retries spent")
+
+    monkeypatch.setattr(thumbnails_module, "read_bytes", unreachable)
+    wanted = [Photo(str(demo_root), f"Training/x/{number}.jpg") for number in range(5)]
+    found = read_thumbnails(wanted, threads=1)
+    assert len(asked) == 1 and found.missing == 5
 
 
 def test_the_image_check_notices_broken_images_and_console_errors(tmp_path):

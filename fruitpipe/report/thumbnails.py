@@ -3,7 +3,8 @@
 A photo can appear in several sections (its class strip, the PCA map, a confusion); it is read and encoded once
 and drawn as a CSS class whose background is its data URI, so the page carries each photo's bytes one time and
 the map's hover only swaps a class name. A photo that cannot be read or decoded gets the placeholder class:
-one bad photo never fails the report.
+one bad photo never fails the report, and a store that stays unreachable (its retries spent) is not asked again
+for the rest of its photos.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import decode_rgb
-from fruitpipe.storage import Location, locate, read_bytes
+from fruitpipe.storage import Location, StorageUnavailable, locate, read_bytes
 
 THUMBNAIL_PX = 64
 WEBP_QUALITY = 65
@@ -82,13 +83,19 @@ def read_thumbnails(photos: Iterable[Photo], threads: int = READ_THREADS) -> Thu
     locations = {source: locate(source) for source in {photo.source for photo in wanted}}
     if not wanted:
         return Thumbnails({})
+    unreachable: set[str] = set()
     with ThreadPoolExecutor(max_workers=min(threads, len(wanted)), thread_name_prefix="thumbnails") as pool:
-        encoded = list(pool.map(lambda photo: _read(locations[photo.source], photo.path), wanted))
+        encoded = list(pool.map(lambda photo: _read(locations[photo.source], photo, unreachable), wanted))
     return Thumbnails(dict(zip(wanted, encoded)))
 
 
-def _read(location: Location, path: str) -> bytes | None:
+def _read(location: Location, photo: Photo, unreachable: set[str]) -> bytes | None:
+    if photo.source in unreachable:
+        return None
     try:
-        return thumbnail(read_bytes(location, location.join(path)))
+        return thumbnail(read_bytes(location, location.join(photo.path)))
+    except StorageUnavailable:
+        unreachable.add(photo.source)
+        return None
     except (OSError, ValueError, FruitpipeError):  # missing, unreadable or not an image (ImageDecodeError)
         return None
