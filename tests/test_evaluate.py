@@ -42,6 +42,26 @@ def test_predict_returns_each_test_rows_nearest_training_rows_nearest_first():
     assert np.all(np.diff(predicted.similarity, axis=1) <= 0)
 
 
+def test_misclassified_examples_name_the_photo_its_prediction_and_its_nearest_training_photos():
+    classes = ["Apple", "Banana", "Cherry"]
+    train_y = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    truth = np.array([0, 0, 2, 1])
+    # 1-NN predicts 0, 1, 2, 2: the 2.4 deg Apple is taken for a Banana, the 12 deg Banana for a Cherry.
+    predicted = evaluation.predict(_angles(1, 4, 2, 3, 30, 5, 170, 175, 180), train_y, _angles(0, 2.4, 178, 12), 3)
+    scored = evaluation._Scored(2, classes, np.bincount(train_y), truth, predicted, 0, train_y,
+                                [f"Training/{classes[y]}/{i}.jpg" for i, y in enumerate(train_y)],
+                                [f"Test/{classes[y]}/{i}.jpg" for i, y in enumerate(truth)])
+    examples = evaluation._misclassified(scored)
+    assert [(e["path"], e["label"], e["predicted"]) for e in examples] == [
+        ("Test/Apple/1.jpg", "Apple", "Banana"), ("Test/Banana/3.jpg", "Banana", "Cherry")]
+    assert [n["path"] for n in examples[1]["neighbours"]] == [
+        "Training/Cherry/5.jpg", "Training/Apple/1.jpg", "Training/Banana/3.jpg", "Training/Banana/2.jpg",
+        "Training/Apple/0.jpg"]
+    assert [n["label"] for n in examples[0]["neighbours"]] == ["Banana", "Banana", "Apple", "Apple", "Cherry"]
+    np.testing.assert_allclose([n["similarity"] for n in examples[1]["neighbours"]],
+                               np.cos(np.deg2rad([7, 8, 9, 10, 11])), rtol=1e-5)
+
+
 def test_knn_matches_scikit_learn_cosine_neighbours_and_chunking_changes_nothing(monkeypatch):
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(7, 16))
