@@ -21,7 +21,7 @@ feature difference to the plain export.
     python bench/graph_bench.py --processes 1 --threads 2
 
 With --preprocessing, where an image's CPU goes instead (one thread, CPU seconds, best of --rounds passes over
-demo images of Fruits-360's 100 x 100): per phase outside inference (read, decode with the header read, resize,
+demo images of Fruits-360's 100 x 100): per phase outside inference (read, decode, the format name, resize,
 normalise, batch stacking) and inference per image on each runtime, for the graph taking float tensors (before
 issue 10 part 4), fruitpipe's graph taking pixels (after), and a candidate that resizes in the graph too (ONNX
 Resize, linear half_pixel, then Round: the executor only crops), with each one's largest feature difference to
@@ -266,7 +266,7 @@ def preprocessing_phases(batch_size: int, rounds: int) -> None:
     """Per-image CPU per phase and inference for the float path, the pixels path and the resize-in-graph path."""
     from fruitpipe import runtimes
     from fruitpipe.demo_data import generate_demo_dataset
-    from fruitpipe.images import decode_rgb, image_size, square_pixels
+    from fruitpipe.images import decode_rgb, image_format, image_size, square_pixels
     from fruitpipe.models import build_model, export_onnx, resolve_weights
 
     spec = get_spec(MODEL)
@@ -288,15 +288,17 @@ def preprocessing_phases(batch_size: int, rounds: int) -> None:
         groups = range(0, len(files) - batch_size + 1, batch_size)
         host = {
             "read": _cpu_us(Path.read_bytes, files, rounds),
-            "decode (+ header read)": _cpu_us(lambda data: (decode_rgb(data, SIZE), image_size(data)), blobs, rounds),
+            "decode": _cpu_us(lambda data: decode_rgb(data, SIZE), blobs, rounds),
+            "format: PIL opens again": _cpu_us(image_size, blobs, rounds),
+            "format: JPEG's first bytes": _cpu_us(image_format, blobs, rounds),
             "resize (PIL)": _cpu_us(lambda image: square_pixels(image, prep), images, rounds),
             "normalise": _cpu_us(lambda pixels: normalise(pixels, prep), squares, rounds),
         }
         stack = {kind: _cpu_us(lambda i, kind=kind: np.stack(inputs[kind][i:i + batch_size]), list(groups), rounds)
                  / batch_size for kind in graphs}
-        phases = {"float": ["read", "decode (+ header read)", "resize (PIL)", "normalise"],
-                  "pixels": ["read", "decode (+ header read)", "resize (PIL)"],
-                  "resize in graph": ["read", "decode (+ header read)"]}
+        phases = {"float": ["read", "decode", "format: PIL opens again", "resize (PIL)", "normalise"],
+                  "pixels": ["read", "decode", "format: JPEG's first bytes", "resize (PIL)"],
+                  "resize in graph": ["read", "decode", "format: JPEG's first bytes"]}
         batches = {kind: [np.stack(inputs[kind][i:i + batch_size]) for i in groups] for kind in graphs}
         loaded = {(kind, name): runtimes.load(path.read_bytes(), 1, "fp32", name)
                   for kind, path in graphs.items() for name in runtimes.RUNTIMES}

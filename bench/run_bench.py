@@ -298,7 +298,7 @@ def describe(run: EndToEnd, ceiling_rate: float | None) -> str:
             f"({s.get('pca_fit', 0) / s['total']:.1%}), PCA transform {s.get('pca_transform', 0):.1f}, "
             f"outputs {s.get('write_outputs', 0):.1f}, Spark start + other {run.spark_and_other_s:.1f}\n"
             f"    inside shards (summed over tasks): read {shard['read']:.1f}, decode {shard['decode']:.1f}, "
-            f"infer {shard['infer']:.1f}, write {shard['write']:.1f} s\n"
+            f"resize {shard['resize']:.1f}, infer {shard['infer']:.1f}, write {shard['write']:.1f} s\n"
             f"    peak memory of the process tree ({run.peak_processes} processes): RSS {_gb(run.peak_rss_bytes)}, "
             f"PSS {_gb(run.peak_pss_bytes)}; load average before {run.load_before:.1f}")
 

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from fruitpipe import sinks
-from fruitpipe.images import ImageDecodeError, Preprocessing, decode_rgb, image_size, normalise, square_pixels
+from fruitpipe.images import (ImageDecodeError, Preprocessing, decode_rgb, image_format, image_size, normalise,
+                              square_pixels)
 from fruitpipe.inference import extract_features, runtime_for
 from fruitpipe.models.specs import ONNX_PIXELS
 from fruitpipe.prefetch import Job, Loaded, prefetched
@@ -37,6 +38,8 @@ from fruitpipe.storage import Location, StorageUnavailable, locate, read_bytes
 PREFETCH_IMAGES = 32
 # Pause before loading timed-out images again (doubled for each further attempt): a stalled store gets time back.
 RETRY_PAUSE_S = 2.0
+# What ShardTimer times, as each shard's stats name them (stats written before "resize" was timed apart lack it).
+PHASES = ("read", "decode", "resize", "infer", "write")
 # The key columns of the features part, taken from the image rows.
 _KEYS_SCHEMA = pa.schema(sinks.KEY_FIELDS)
 
@@ -90,7 +93,7 @@ class ShardTimer:
             self.add(phase, time.perf_counter() - started)
 
     def seconds(self) -> dict[str, float]:
-        return {phase: getattr(self, phase) for phase in ("read", "decode", "resize", "infer", "write", "wall")}
+        return {phase: getattr(self, phase) for phase in (*PHASES, "wall")}
 
 
 def _load(source: Location, prep: Preprocessing, normalised: bool, timer: ShardTimer, job: Job) -> Loaded:
@@ -111,7 +114,7 @@ def _load(source: Location, prep: Preprocessing, normalised: bool, timer: ShardT
     try:
         with timer.timed("decode"):
             image, (width, height) = decode_rgb(data, target_size=prep.size)
-            header = image_size(data)
+            stored_format = image_format(data)
         with timer.timed("resize"):
             pixels = square_pixels(image, prep)
             tensor = normalise(pixels, prep) if normalised else pixels
@@ -121,7 +124,7 @@ def _load(source: Location, prep: Preprocessing, normalised: bool, timer: ShardT
                       image_format=header[2] if header else "", stage="decode", reason=str(exc))
     except Exception as exc:
         return Loaded(stage="decode", reason=f"{type(exc).__name__}: {exc}")
-    return Loaded(tensor, width, height, header[2] if header else "")
+    return Loaded(tensor, width, height, stored_format)
 
 
 def process_shard(shard_id: int, records: list[ImageRow], settings: ExtractionSettings,

@@ -186,6 +186,16 @@ def preprocess(data: bytes, prep: Preprocessing) -> tuple[np.ndarray, tuple[int,
     return normalise(pixels, prep), stored_size
 
 
+def image_format(data: bytes) -> str:
+    """The format name PIL gives the bytes ("" if none). A JPEG without EXIF (the fast path's kind) is named from
+    its first bytes, PIL's own test, instead of opening it again: a fifth of its decode time. One with EXIF may be
+    PIL's "MPO" (multi-picture files carry EXIF), so PIL names it."""
+    if data.startswith(b"\xff\xd8\xff") and _no_exif_before_scan(data):
+        return "JPEG"
+    header = image_size(data)
+    return header[2] if header else ""
+
+
 def image_size(data: bytes) -> tuple[int, int, str] | None:
     """(width, height, format) read from the header only, or None when the bytes are not an image."""
     try:

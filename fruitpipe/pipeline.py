@@ -27,7 +27,7 @@ from fruitpipe.dataset import (
     select,
 )
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import ExtractionSettings
+from fruitpipe.extract import PHASES, ExtractionSettings
 from fruitpipe.extras import MissingExtra
 from fruitpipe.models.artifact import ModelArtifact, build_artifact, load_artifact
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
@@ -255,7 +255,7 @@ def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model
     spec = artifact.spec
     counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
               "images_failed": result.images_failed, "images_retryable": result.images_retryable}
-    shard_seconds = {phase: sum(s.seconds[phase] for s in stats) for phase in ("read", "decode", "infer", "write")}
+    shard_seconds = {phase: sum(s.seconds.get(phase, 0.0) for s in stats) for phase in PHASES}
     model_info = {
         "model": spec.name, "precision": config.precision, "model_precision": artifact.precision,
         "runtime": dataclasses.asdict(runtime), "weights": artifact.weights,

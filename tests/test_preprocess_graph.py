@@ -18,7 +18,7 @@ from PIL import Image
 from fruitpipe import runtimes, sinks
 from fruitpipe.config import RunConfig
 from fruitpipe.extract import ExtractionSettings, process_shard
-from fruitpipe.images import model_pixels, preprocess
+from fruitpipe.images import image_format, model_pixels, preprocess
 from fruitpipe.models import RANDOM_WEIGHTS, build_model, export_onnx, get_spec, resolve_weights
 from fruitpipe.models.specs import ONNX_FEATURES, ONNX_INPUT, ONNX_LOGITS, ONNX_PIXELS
 from fruitpipe.records import ImageRow
@@ -29,9 +29,9 @@ pytest.importorskip("openvino", reason="openvino is not installed: pip install -
 SMALL_INPUT = 64
 
 
-def _encode(image: Image.Image, fmt: str) -> bytes:
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, fmt)
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -40,12 +40,15 @@ def _odd_images() -> list[bytes]:
     photo = Image.fromarray(skimage.data.astronaut())
     rgba = photo.resize((120, 90)).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((120, 90)))
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF orientation: rotate 90 degrees
     return [_encode(photo.resize((150, 90)), "JPEG"),           # wide: centre-cropped
             _encode(photo.resize((40, 70)), "PNG"),             # tall and smaller than the input: upsampled
             _encode(photo.resize((1600, 1200)), "JPEG"),        # large: decoded at a reduced scale (draft)
             _encode(photo.convert("L"), "PNG"),                 # grayscale
             _encode(photo.convert("CMYK"), "JPEG"),             # CMYK
-            _encode(rgba, "PNG")]                               # alpha, composited on white
+            _encode(rgba, "PNG"),                               # alpha, composited on white
+            _encode(photo.resize((90, 130)), "JPEG", exif=rotated.tobytes())]  # turned upright
 
 
 def _float_graph(network: torch.nn.Module, size: int, path: Path) -> bytes:
@@ -99,6 +102,7 @@ def test_images_of_any_size_and_mode_give_the_float_paths_features(random_mobile
     images = _odd_images()
     pixels = np.stack([model_pixels(data, prep)[0] for data in images])
     tensors = np.stack([preprocess(data, prep)[0] for data in images])
+    assert [image_format(data) for data in images] == [Image.open(io.BytesIO(data)).format for data in images]
     for name in runtimes.RUNTIMES:
         today = runtimes.load(float_graph, 1, "fp32", name)
         graph = runtimes.load(pixels_graph, 1, "fp32", name)
