@@ -362,6 +362,9 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
         per_class = ", ".join(f"{label} {n}" for label, n in summary["leaked_per_class"].items())
         print(f"{summary['leaked_test_images']} of {summary['test_images']} test images have a training image that "
               f"close" + (f": {per_class}" if per_class else ""))
+    shares = [f"{share:.0%} at >= {level}" for level, share in summary["pca_cosine_nearest"]["training"].items()]
+    print(f"in PCA space (not copies, e.g. consecutive frames): training images with another at cosine similarity "
+          f"{', '.join(shares)}")
     print(f"wrote {args.run_dir.rstrip('/')}/{DUPLICATES}/")
     return 0
 

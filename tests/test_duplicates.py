@@ -81,6 +81,23 @@ def test_every_planted_copy_is_found_and_no_two_distinct_demo_images_are(planted
     assert group_of[nearest_training] == group_of[f"Training/{ORIGINALS[2]}"]
     assert summary["leaked_test_images"] == 1 and summary["leaked_per_class"] == {"Cherry Wax Red": 1}
     assert sum(b["images"] for b in summary["test_nn_distance_histogram"]) == summary["test_images"] == 24 + 1
+    # The CNN's view: shares of images whose nearest training image is that similar in PCA space, as brute force.
+    training = RunFolder.finished(str(planted["run"]))
+    unit = _unit_rows(training.table("pca", ["pca"]).column("pca").to_pylist())
+    test_features = RunFolder.finished(str(planted["test"])).table("features", ["features"]).column("features")
+    test_unit = _unit_rows(training.pca_model().transform(np.array(test_features.to_pylist())))
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -1)
+    for level in ("0.99", "0.995"):  # within one image: float rounding at the boundary
+        expected = float(np.mean(similarity.max(axis=1) >= float(level)))
+        assert summary["pca_cosine_nearest"]["training"][level] == pytest.approx(expected, abs=1 / 82)
+        expected = float(np.mean((test_unit @ unit.T).max(axis=1) >= float(level)))
+        assert summary["pca_cosine_nearest"]["test"][level] == pytest.approx(expected, abs=1 / 25)
+
+
+def _unit_rows(rows) -> np.ndarray:
+    matrix = np.array(rows, dtype=np.float64)
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 @pytest.mark.spark
@@ -90,6 +107,7 @@ def test_duplicates_are_read_back_and_listed_in_the_manifest(planted, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("3 near-duplicate groups holding 13 of 82 images (distance < 0.0012); 1 groups mix labels")
     assert out[1] == "1 of 25 test images have a training image that close: Cherry Wax Red 1"
+    assert out[2].startswith("in PCA space (not copies, e.g. consecutive frames): ") and ">= 0.995" in out[2]
     folder = RunFolder.finished(run_dir)
     stored = folder.duplicates()
     assert stored.groups.num_rows == 13 and stored.leaks.num_rows == 1 and stored.summary["test_run"]
