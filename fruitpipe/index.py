@@ -114,22 +114,11 @@ class NeighbourIndex:
     def metric(self) -> str:
         return str(self.description["metric"])
 
-    @property
-    def space(self) -> str:
-        return str(self.description["space"])
-
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Distances and row ids of the k nearest indexed vectors to each of `vectors` (stored form), nearest
         first; ids are -1 where fewer than k were found."""
         distances, ids = self.index.search(prepared(vectors, self.metric, self.centre), min(k, self.index.ntotal))
         return _distances(distances, self.metric), ids
-
-    def pairs_within(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every (query row, indexed row, distance) closer than `threshold`."""
-        radius = 1.0 - threshold if self.metric == COSINE else threshold * threshold
-        limits, similarities, ids = self.index.range_search(prepared(vectors, self.metric, self.centre), radius)
-        queries = np.repeat(np.arange(len(limits) - 1), np.diff(limits))
-        return queries, ids.astype(np.int64), _distances(similarities, self.metric)
 
 
 def _distances(scores: np.ndarray, metric: str) -> np.ndarray:
