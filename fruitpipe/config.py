@@ -28,6 +28,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 MODEL_PRECISIONS = ("fp32", "int8")
 AUTO_RUNTIME = "auto"
 RUNTIMES = (AUTO_RUNTIME, "onnxruntime", "openvino")
+AUTO_ENGINE, SPARK_ENGINE, LOCAL_ENGINE = ENGINES = ("auto", "spark", "local")
 SPLITS = ("Training", "Test")
 MINI_IMAGES = 300
 MAX_AUTO_SHARD_SIZE = 1024
@@ -88,6 +89,9 @@ class RunConfig:
     # None: the master spark-submit was given when it started this process, else local[*].
     master: str | None = None
     spark_conf: Mapping[str, str] = field(default_factory=dict)
+    # Where the tasks run: spark (any master), local (a process pool on this machine: no JVM, small runs start in
+    # seconds) or auto: local for a small run on a local master, else spark (fruitpipe.distributors).
+    engine: str = AUTO_ENGINE
     read_timeout_s: float = 60.0
     # Loads of an image that time out are tried this many times in all before the image is left for the next run.
     read_attempts: int = 3
@@ -145,6 +149,8 @@ class RunConfig:
         if self.master is not None and not _MASTER_PATTERN.match(self.master.strip()):
             raise FruitpipeError(f"unknown Spark master {_shown(self.master)}: use local[N], spark://host:port, yarn "
                                  "or k8s://https://host:port")
+        if self.engine not in ENGINES:
+            raise FruitpipeError(f"unknown engine {_shown(self.engine)}: choose one of {', '.join(ENGINES)}")
         _check_spark_conf(self.spark_conf)
         return self
 

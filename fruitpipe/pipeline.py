@@ -1,4 +1,5 @@
-"""The only orchestrator: list -> plan shards -> extract on Spark -> PCA fit -> project -> outputs + manifest.
+"""The only orchestrator: list -> plan shards -> extract -> PCA fit -> project -> outputs + manifest; the stages' tasks
+run on the run's engine (fruitpipe.distributors: Spark, or a local process pool for a small run).
 
 A run folder is resumable: shards whose stats file exists are done and skipped; a run folder made with a
 different configuration is refused rather than mixed; `overwrite` starts afresh.
@@ -17,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from fruitpipe import runtimes, sinks
+from fruitpipe import runtimes, sinks, stages
 from fruitpipe.config import RunConfig, auto_shard_size
 from fruitpipe.dataset import (
     ImageRecord,
@@ -26,6 +27,8 @@ from fruitpipe.dataset import (
     list_split,
     select,
 )
+from fruitpipe.distributors import choose_engine, for_pca, open_distributor
+from fruitpipe.distributors import prepare as prepare_engine
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import PHASES, ExtractionSettings
 from fruitpipe.extras import MissingExtra
@@ -53,6 +56,7 @@ def run(config: RunConfig) -> RunResult:
     config.validate()
     refuse_nested(config.source, config.output)
     started = time.perf_counter()
+    prepare_engine(config)
     artifact, onnx = load_artifact(config.model_file) if config.model_file else _export_for_run(config)
     config = _decided_by(artifact, config)
     with RunFolder(config.output) as folder:
@@ -126,6 +130,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     images = select(listing.images, selection)
     unlisted = [file for file in listing.other_files if _in_selection(file, selection)]
     seconds["list"] = time.perf_counter() - phase
+    engine = choose_engine(config, len(images))
     if config.shard_size is None:
         config = dataclasses.replace(config, shard_size=auto_shard_size(len(images)))
 
@@ -141,15 +146,12 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                 "images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
     folder.check(identity, config.overwrite)
 
-    from fruitpipe.spark import run_extraction, run_gram, run_projection, spark_session
-
     settings = ExtractionSettings(source=config.source, output=config.output,
                                   preprocessing=artifact.preprocessing(), model_key=artifact.onnx_sha256, batch_size=config.batch_size,
                                   threads=config.threads_per_task, read_timeout_s=config.read_timeout_s,
                                   read_attempts=config.read_attempts, precision=config.precision,
                                   runtime=runtime.runtime)
-    with unavailable_reported(), spark_session(config.master, dict(config.spark_conf)) as spark:
-        spark_master = spark.sparkContext.master
+    with unavailable_reported(), open_distributor(engine, config, len(shards)) as distributor:
         folder.claim(identity, replacing=config.overwrite)
         folder.write_artifact(artifact, onnx)
         folder.write_listing_errors(_listing_errors(unlisted))
@@ -157,12 +159,13 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
         pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
         phase = time.perf_counter()
         with ExtractionProgress(config.output, {i: len(rows) for i, rows in shards.items()}, done, config.quiet):
-            run_extraction(spark, pending, settings, onnx)
+            stages.run_extraction(distributor, pending, settings, onnx)
         seconds["extract"] = time.perf_counter() - phase
 
         stats = [folder.shard_stats(shard_id) for shard_id in sorted(shards)]
         images_ok = sum(s.ok for s in stats)
         ok_shards = [s.shard_id for s in stats if s.ok > 0]
+        pca_distributor = for_pca(distributor, images_ok)
         phase = time.perf_counter()
         if fixed_pca is not None:
             model = fixed_pca
@@ -170,14 +173,15 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
             if images_ok < 2:
                 raise FruitpipeError(f"only {images_ok} of {len(images)} images could be processed; "
                                      f"see {folder.uri(ERRORS)}")
-            statistics = run_gram(spark, config.output, ok_shards, _shift(folder, ok_shards[0]))
+            statistics = stages.run_gram(pca_distributor, config.output, ok_shards, _shift(folder, ok_shards[0]))
             model = fit(statistics, k=None if config.pca_variance else config.pca_k, variance=config.pca_variance)
         seconds["pca_fit"] = time.perf_counter() - phase
 
         phase = time.perf_counter()
         folder.clear(PCA)
-        run_projection(spark, config.output, ok_shards, model)
+        stages.run_projection(pca_distributor, config.output, ok_shards, model)
         seconds["pca_transform"] = time.perf_counter() - phase
+        engine_info = {**distributor.info(), "pca_stages": pca_distributor.engine}
 
     phase = time.perf_counter()
     retryable = sum(s.retryable for s in stats)
@@ -192,8 +196,8 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
-                       spark_master=spark_master, hidden_files_skipped=listing.hidden_files, **counts)
-    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime)
+                       spark_master=engine_info.get("master", ""), hidden_files_skipped=listing.hidden_files, **counts)
+    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime, engine_info)
     return result
 
 
@@ -249,7 +253,7 @@ def versions() -> dict[str, str]:
 
 
 def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model: PcaModel, result: RunResult,
-            stats: list[ShardStats], fingerprint: str, runtime: runtimes.Choice) -> None:
+            stats: list[ShardStats], fingerprint: str, runtime: runtimes.Choice, engine: dict) -> None:
     """model_info, resolved config and, last, the manifest that lists every output and its row count (committed
     through `folder`, which checks that this run still holds OUT)."""
     spec = artifact.spec
@@ -264,7 +268,8 @@ def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model
         "std": list(spec.std), "feature_dim": result.feature_dim, "pca_k": model.k,
         "variance_kept": model.variance_kept, "counts": counts, "seconds": result.seconds,
         "shard_seconds_summed": shard_seconds, "images_per_second": result.images_per_second,
-        "executors": result.executors, "spark_master": result.spark_master, "versions": versions(),
+        "executors": result.executors, "engine": engine, "spark_master": result.spark_master,
+        "versions": versions(),
     }
     manifest = {
         "fruitpipe": __version__, "fingerprint": fingerprint, "created_unix": time.time(),

@@ -1,15 +1,5 @@
-"""Everything that touches Spark: the session, and the three distributed stages of a run.
-
-1. extract: one task per shard, `parallelize(shards).map(process_shard)`: each task gets its shard's ImageRows
-   (pickled), decodes, runs its runtime (model bytes from a broadcast) and writes its shard whole. Measured against
-   the `mapInPandas` version it replaced (rows as a DataFrame streamed to the tasks as Arrow batches, stats back
-   as JSON strings), same 600 demo images, 12 shards of 50, mobilenet_v2 random weights at 64 px, local[2],
-   three interleaved rounds in one script: parallelize.map 3.1 / 4.8 / 5.3 s, mapInPandas 6.1 / 8.5 / 10.1 s.
-   The shards are already grouped on the driver, so the DataFrame only added a schema, a JVM round trip per row
-   and a regrouping in the task; the typed rows and stats now cross the boundary as they are.
-2. gram: each task reads some feature shards and returns their PCA sufficient statistics.
-3. project: each task reads a feature shard and writes its PCA shard.
-Features are materialised by stage 1, so the CNN runs once per image however many actions follow.
+"""Everything that touches Spark: the session, and `SparkDistributor`, which runs the stages' tasks
+(fruitpipe.stages) as Spark tasks: `parallelize(items).map(task)`, one task per item, large values broadcast.
 """
 
 from __future__ import annotations
@@ -22,22 +12,29 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
+from typing import Any, TypeVar
 
-import numpy as np
-
-from fruitpipe import sinks
+from fruitpipe.config import SPARK_ENGINE
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extract import ExtractionSettings, process_shard
-from fruitpipe.pca import GramStatistics, PcaModel
-from fruitpipe.records import ImageRow, ShardStats
-from fruitpipe.run_folder import FEATURES, PCA, RunFolder
 
 _LOCAL_MASTER = re.compile(r"^local(\[(\*|\d+)\])?$")
 TASK_RETRIES = 4
 MASTER_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_MASTER = "local[*]"
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def local_master_cores(master: str) -> int | None:
+    """The cores a local master (`local`, `local[N]`, `local[*]`) runs tasks on; None for any other master."""
+    match = _LOCAL_MASTER.match(master)
+    if not match:
+        return None
+    cores = match.group(2) or "1"
+    return len(os.sched_getaffinity(0)) if cores == "*" else int(cores)
 
 
 def effective_master(master: str) -> str:
@@ -318,57 +315,38 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def task_slots(spark) -> int:
-    return max(1, int(spark.sparkContext.defaultParallelism))
+class SparkDistributor:
+    """The stages' tasks on a Spark session (fruitpipe.distributors.Distributor): one Spark task per item."""
+
+    engine = SPARK_ENGINE
+
+    def __init__(self, session) -> None:
+        self.context = session.sparkContext
+        self.master = str(self.context.master)
+        self.slots = max(1, int(self.context.defaultParallelism))
+
+    def map(self, task: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
+        if not items:
+            return []
+        return self.context.parallelize(list(items), numSlices=len(items)).map(task).collect()
+
+    @contextlib.contextmanager
+    def shared(self, value: Any) -> Iterator[Callable[[], Any]]:
+        broadcast = self.context.broadcast(value)
+        try:
+            yield _BroadcastValue(broadcast)
+        finally:
+            broadcast.unpersist()
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.engine, "master": self.master}
 
 
-def run_extraction(spark, shards: dict[int, list[ImageRow]], settings: ExtractionSettings,
-                   onnx_bytes: bytes) -> list[ShardStats]:
-    """Stage 1: process the given shards (one Spark task each); returns their stats."""
-    if not shards:
-        return []
-    context = spark.sparkContext
-    model_broadcast = context.broadcast(onnx_bytes)
-    shard_ids = sorted(shards)
+class _BroadcastValue:
+    """A getter of a broadcast's value, in a Spark task (the broadcast pickles as its id)."""
 
-    def extract(shard: tuple[int, list[ImageRow]]) -> ShardStats:
-        return process_shard(shard[0], shard[1], settings, lambda: model_broadcast.value)
+    def __init__(self, broadcast) -> None:
+        self.broadcast = broadcast
 
-    try:
-        return context.parallelize([(i, shards[i]) for i in shard_ids], numSlices=len(shard_ids)).map(extract).collect()
-    finally:
-        model_broadcast.unpersist()
-
-
-def run_gram(spark, output: str, shard_ids: list[int], shift: np.ndarray) -> GramStatistics:
-    """Stage 2: PCA sufficient statistics over every feature shard, summed on the driver."""
-    partitions = min(len(shard_ids), task_slots(spark))
-
-    def gram_partition(ids: Iterator[int]) -> Iterator[GramStatistics]:
-        folder = RunFolder(output)
-        statistics = GramStatistics.empty(shift)
-        for shard_id in ids:
-            statistics.update(sinks.vectors_matrix(folder.part(FEATURES, shard_id), "features"))
-        yield statistics
-
-    total = GramStatistics.empty(shift)
-    for partial in spark.sparkContext.parallelize(shard_ids, numSlices=partitions).mapPartitions(gram_partition).collect():
-        total.merge(partial)
-    return total
-
-
-def run_projection(spark, output: str, shard_ids: list[int], model: PcaModel) -> int:
-    """Stage 3: write the PCA part of every feature shard; returns the number of rows projected."""
-    model_broadcast = spark.sparkContext.broadcast(model)
-
-    def project(shard_id: int) -> int:
-        folder = RunFolder(output)
-        table = folder.part(FEATURES, shard_id)
-        projected = model_broadcast.value.transform(sinks.vectors_matrix(table, "features"))
-        folder.write_part(PCA, shard_id, sinks.vectors_table(table, "pca", projected))
-        return table.num_rows
-
-    try:
-        return sum(spark.sparkContext.parallelize(shard_ids, numSlices=len(shard_ids) or 1).map(project).collect())
-    finally:
-        model_broadcast.unpersist()
+    def __call__(self) -> Any:
+        return self.broadcast.value

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# The suite's runs are small and local, which `--engine auto` would give to the local process pool; most tests are
+# about Spark (pipeline, resume, faults, cluster, S3, spark-submit), so auto means spark here, in this process and
+# in every `fruitpipe` it starts. tests/test_local_engine.py runs the local engine by name (fruitpipe.distributors).
+os.environ["FRUITPIPE_ENGINE"] = "spark"
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ SAMPLES: dict[str, Any] = {
     "classes": ("Apple*", "Banana"), "per_class": 7, "limit": 9, "model": "mobilenet_v2", "weights": "random",
     "image_size": 96, "precision": "int8", "runtime": "openvino", "model_file": "s3://bucket/model", "batch_size": 4,
     "shard_size": 16, "threads_per_task": 2, "pca_k": 8, "pca_variance": 0.9, "features_csv": True,
-    "master": "local[2]", "spark_conf": {"spark.executor.memory": "2g"}, "read_timeout_s": 12.5, "read_attempts": 5,
-    "overwrite": True, "quiet": True, "cache_dir": "/tmp/fruitpipe-cache",
+    "master": "local[2]", "spark_conf": {"spark.executor.memory": "2g"}, "engine": "local", "read_timeout_s": 12.5,
+    "read_attempts": 5, "overwrite": True, "quiet": True, "cache_dir": "/tmp/fruitpipe-cache",
 }
 # A value of the wrong type for each field type, and the words the refusal uses for the type it wanted.
 WRONG: dict[Any, tuple[Any, str]] = {

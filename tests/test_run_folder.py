@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import fruitpipe
-from fruitpipe import spark as fruitpipe_spark
+from fruitpipe import stages
 from fruitpipe.cli import main
 from fruitpipe.errors import FruitpipeError
 from tests.support.processes import blocked_opening_a_fifo as _blocked_opening_a_fifo
@@ -133,7 +133,7 @@ def test_a_run_that_fails_after_its_claim_releases_the_lease_and_stays_unfinishe
     def failing_gram(*args, **kwargs):
         raise FruitpipeError("the PCA fit failed (injected)")
     with monkeypatch.context() as patched:
-        patched.setattr(fruitpipe_spark, "run_gram", failing_gram)
+        patched.setattr(stages, "run_gram", failing_gram)
         _refused(capsys, rerun, "injected")
     marker = _marker(out)
     assert marker["state"] == "in_progress" and "lease" not in marker

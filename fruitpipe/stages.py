@@ -1,0 +1,78 @@
+"""The three stages of a run, written once against a `Distributor` (fruitpipe.distributors), so Spark, the local
+process pool and the driver itself run the same task functions.
+
+1. extract: one task per shard (`process_shard`): its ImageRows in, its stats back; the model bytes are shared
+   (a Spark broadcast, a file for the pool), so a worker builds its runtime once however many shards it runs.
+2. gram: one task per group of feature shards returns their PCA sufficient statistics (one Gram matrix per group,
+   not per shard: each is D x D float64, 13 MB at D = 1280); the driver sums them.
+3. project: one task per feature shard writes its PCA shard.
+Features are materialised by stage 1, so the CNN runs once per image however many stages follow.
+
+Measured for stage 1 against the `mapInPandas` version it replaced (rows as a DataFrame streamed to the tasks as
+Arrow batches, stats back as JSON strings), same 600 demo images, 12 shards of 50, mobilenet_v2 random weights at
+64 px, local[2], three interleaved rounds in one script: one task per shard 3.1 / 4.8 / 5.3 s, mapInPandas 6.1 /
+8.5 / 10.1 s. The shards are already grouped on the driver, so the DataFrame only added a schema, a JVM round trip
+per row and a regrouping in the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from fruitpipe import sinks
+from fruitpipe.distributors import Distributor
+from fruitpipe.extract import ExtractionSettings, process_shard
+from fruitpipe.pca import GramStatistics, PcaModel
+from fruitpipe.records import ImageRow, ShardStats
+from fruitpipe.run_folder import FEATURES, PCA, RunFolder
+
+
+def run_extraction(distributor: Distributor, shards: dict[int, list[ImageRow]], settings: ExtractionSettings,
+                   onnx_bytes: bytes) -> list[ShardStats]:
+    """Stage 1: process the given shards (one task each); returns their stats."""
+    if not shards:
+        return []
+    with distributor.shared(onnx_bytes) as model_bytes:
+        task = partial(_extract_shard, settings=settings, model_bytes=model_bytes)
+        return distributor.map(task, sorted(shards.items()))
+
+
+def _extract_shard(shard: tuple[int, list[ImageRow]], settings: ExtractionSettings,
+                   model_bytes: Callable[[], bytes]) -> ShardStats:
+    shard_id, rows = shard
+    return process_shard(shard_id, rows, settings, model_bytes)
+
+
+def run_gram(distributor: Distributor, output: str, shard_ids: list[int], shift: np.ndarray) -> GramStatistics:
+    """Stage 2: PCA sufficient statistics over every feature shard, summed on the driver."""
+    count = min(len(shard_ids), distributor.slots)
+    groups = [shard_ids[start::count] for start in range(count)]
+    total = GramStatistics.empty(shift)
+    for statistics in distributor.map(partial(_gram_of_shards, output=output, shift=shift), groups):
+        total.merge(statistics)
+    return total
+
+
+def _gram_of_shards(shard_ids: list[int], output: str, shift: np.ndarray) -> GramStatistics:
+    folder = RunFolder(output)
+    statistics = GramStatistics.empty(shift)
+    for shard_id in shard_ids:
+        statistics.update(sinks.vectors_matrix(folder.part(FEATURES, shard_id), "features"))
+    return statistics
+
+
+def run_projection(distributor: Distributor, output: str, shard_ids: list[int], model: PcaModel) -> int:
+    """Stage 3: write the PCA part of every feature shard; returns the number of rows projected."""
+    with distributor.shared(model) as pca_model:
+        return sum(distributor.map(partial(_project_shard, output=output, model=pca_model), shard_ids))
+
+
+def _project_shard(shard_id: int, output: str, model: Callable[[], PcaModel]) -> int:
+    folder = RunFolder(output)
+    table = folder.part(FEATURES, shard_id)
+    projected = model().transform(sinks.vectors_matrix(table, "features"))
+    folder.write_part(PCA, shard_id, sinks.vectors_table(table, "pca", projected))
+    return table.num_rows
