@@ -1,7 +1,7 @@
 """Near-duplicates and split leakage (issue 12 part 3): re-encoded copies planted among demo images (JPEG quality
 changed, chroma subsampling changed, a 1-pixel shift, a copy filed under another class, a copy in the Test split)
 are all found at the default threshold and no pair of distinct demo images is; the results are read back, listed
-in the manifest, and work with an S3 run folder."""
+in the manifest, and work with an S3 run folder (as does `similar` with a query in S3)."""
 
 from __future__ import annotations
 
@@ -153,3 +153,10 @@ def test_index_and_duplicates_on_an_s3_run_folder(planted, moto, s3_process_env)
     assert stored.groups.equals(found.groups) and stored.leaks.equals(found.leaks)
     outputs = RunFolder.finished(run_dir).manifest()["outputs"]
     assert outputs["index"]["spaces"]["pca"]["count"] == 82 and outputs["duplicates"]["groups_rows"] == 13
+    # A query image in the same bucket, against the run on S3: the image itself comes back first.
+    client.put_object(Bucket="fruitpipe-similarity", Key="queries/Banana/photo.jpg",
+                      Body=(planted["source"] / "Training" / ORIGINALS[0]).read_bytes())
+    answer = fruitpipe.similar(run_dir, "s3://fruitpipe-similarity/queries", k=3)
+    assert answer["query"].tolist() == ["s3://fruitpipe-similarity/queries/Banana/photo.jpg"] * 3
+    assert answer["query_folder"].iloc[0] == "Banana" and answer["distance"].iloc[0] < 1e-5
+    assert answer["path"].iloc[0] == f"Training/{ORIGINALS[0]}"
