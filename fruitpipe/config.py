@@ -154,17 +154,19 @@ class RunConfig:
         _check_spark_conf(self.spark_conf)
         return self
 
-    def fingerprint(self, weights_sha256: str, input_size: int, onnx_sha256: str, runtime: str) -> str:
+    def fingerprint(self, weights_sha256: str, input_size: int, onnx_sha256: str, runtime: str,
+                    resize_method: str) -> str:
         """What the stored features depend on: a different value means an existing OUT cannot be resumed.
 
         The ONNX bytes count, not where they came from: a run from an artifact and a run exporting the same
-        bytes resume each other. So do the runtime that computes them (resolved, never "auto") and the precision:
-        a run's features never mix runtimes or precisions.
+        bytes resume each other. So do the runtime that computes them (resolved, never "auto"), the precision and
+        the host-side resize (images.RESIZE_METHOD): a run's features never mix runtimes, precisions or resizes.
         """
         selection = dataclasses.asdict(self.selection())
         identity = {"source": self.source.rstrip("/"), "selection": selection, "model": self.model,
                     "weights_sha256": weights_sha256, "input_size": input_size, "shard_size": self.shard_size,
-                    "precision": self.precision, "onnx_sha256": onnx_sha256, "runtime": runtime}
+                    "precision": self.precision, "onnx_sha256": onnx_sha256, "runtime": runtime,
+                    "resize": resize_method}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_public_dict(self) -> dict[str, Any]:

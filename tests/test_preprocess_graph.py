@@ -18,7 +18,7 @@ from PIL import Image
 from fruitpipe import runtimes, sinks
 from fruitpipe.config import RunConfig
 from fruitpipe.extract import ExtractionSettings, process_shard
-from fruitpipe.images import image_format, model_pixels, preprocess
+from fruitpipe.images import RESIZE_METHOD, image_format, model_pixels, normalise, preprocess
 from fruitpipe.models import RANDOM_WEIGHTS, build_model, export_onnx, get_spec, resolve_weights
 from fruitpipe.models.specs import ONNX_FEATURES, ONNX_INPUT, ONNX_LOGITS, ONNX_PIXELS
 from fruitpipe.records import ImageRow
@@ -135,6 +135,35 @@ def test_a_graph_taking_float_images_still_runs_a_shard_and_has_another_fingerpr
     np.testing.assert_allclose(features["pixels"] / scale, features["float"] / scale, atol=1e-4, rtol=0)
     assert all(seconds[kind]["decode"] > 0 and seconds[kind]["resize"] > 0 for kind in seconds)
     config = RunConfig(source=str(demo_root), output=str(tmp_path / "run"), shard_size=8)
-    fingerprints = {config.fingerprint(RANDOM_WEIGHTS, SMALL_INPUT, hashlib.sha256(graph).hexdigest(), "onnxruntime")
+    fingerprints = {config.fingerprint(RANDOM_WEIGHTS, SMALL_INPUT, hashlib.sha256(graph).hexdigest(), "onnxruntime",
+                                       RESIZE_METHOD)
                     for graph in random_mobilenet}
     assert len(fingerprints) == 2
+
+
+def test_the_enlarging_resize_stays_within_one_level_of_pils_and_keeps_the_features(cache_dir: str,
+                                                                                      demo_root: Path) -> None:
+    """Enlarging is OpenCV's exact bilinear (a sixth of PIL's CPU): one rounding where PIL rounds after each of its
+    two passes, so a pixel may sit one level from PIL's, never more; real-weight features stay as close to the PIL
+    path's as a re-encode would move them, and chelsea and coffee keep their ImageNet top-1."""
+    spec = get_spec("efficientnet_lite0")
+    exported = export_onnx(spec, None, cache_dir)
+    prep = spec.preprocessing(exported.input_size)
+    photos = [Image.fromarray(skimage.data.chelsea()).resize((100, 100)),
+              Image.fromarray(skimage.data.coffee()).resize((100, 100))]
+    images = [_encode(photo, "PNG") for photo in photos] + _demo_jpegs(demo_root, 30)
+    enlarged = np.stack([model_pixels(data, prep)[0] for data in images])
+    with_pil = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224),
+                                                                                       Image.Resampling.BILINEAR))
+                         for data in images])
+    difference = np.abs(enlarged.astype(np.int16) - with_pil.astype(np.int16))
+    assert difference.max() == 1 and 0 < (difference > 0).mean() < 0.2
+    graph = runtimes.load(Path(exported.path).read_bytes(), 1, "fp32", runtimes.ONNXRUNTIME)
+    ours, pils = graph.run(enlarged), graph.run(with_pil)
+    cosine = (ours * pils).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(pils, axis=1))
+    assert cosine.min() > 0.995, cosine.min()
+    network = build_model(spec, resolve_weights(spec, None, cache_dir)[0])
+    with torch.no_grad():
+        logits = [network(torch.from_numpy(np.stack([normalise(p, prep) for p in batch])))[1].argmax(1).tolist()
+                  for batch in (enlarged[:2], with_pil[:2])]
+    assert logits[0] == logits[1]

@@ -28,12 +28,13 @@ def _by_path(result) -> dict[str, np.ndarray]:
     return dict(zip(features["path"], np.stack(features["features"].to_numpy())))
 
 
-def test_the_fingerprint_changes_with_runtime_and_precision(demo_root, tmp_path):
+def test_the_fingerprint_changes_with_runtime_precision_and_resize(demo_root, tmp_path):
     config = _config(demo_root, tmp_path / "out", "cache")
-    base = config.fingerprint("w", 224, "onnx", "onnxruntime")
-    assert config.fingerprint("w", 224, "onnx", "openvino") != base
-    assert dataclasses.replace(config, precision="bf16").fingerprint("w", 224, "onnx", "onnxruntime") != base
-    assert config.fingerprint("w", 224, "onnx", "onnxruntime") == base
+    base = config.fingerprint("w", 224, "onnx", "onnxruntime", "pil")
+    assert config.fingerprint("w", 224, "onnx", "openvino", "pil") != base
+    assert dataclasses.replace(config, precision="bf16").fingerprint("w", 224, "onnx", "onnxruntime", "pil") != base
+    assert config.fingerprint("w", 224, "onnx", "onnxruntime", "opencv") != base
+    assert config.fingerprint("w", 224, "onnx", "onnxruntime", "pil") == base
 
 
 def test_an_openvino_run_records_its_runtime_everywhere_and_equals_the_default_run(demo_root, spark, cache_dir,
