@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.metadata
 import platform
 import sys
 import time
