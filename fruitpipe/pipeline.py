@@ -15,7 +15,6 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import yaml
 
@@ -33,6 +32,7 @@ from fruitpipe.distributors import prepare as prepare_engine
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import PHASES, ExtractionSettings
 from fruitpipe.extras import MissingExtra
+from fruitpipe.images import RESIZE_METHOD
 from fruitpipe.models.artifact import ModelArtifact, build_artifact, load_artifact
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
 from fruitpipe.progress import ExtractionProgress
@@ -141,7 +141,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     runtime = runtimes.choose(onnx, config.threads_per_task, config.precision, config.runtime, config.batch_size)
     seconds["choose_runtime"] = time.perf_counter() - phase
     fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256,
-                                     runtime.runtime)
+                                     runtime.runtime, RESIZE_METHOD)
     shards = plan_shards(images, config.shard_size)
     identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
                 "images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
