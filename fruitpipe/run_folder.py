@@ -578,15 +578,20 @@ class RunFolder:
         sinks.write_json(self._out, _index_path(space, ".json"), description)
 
     def index(self, space: str) -> StoredIndex:
-        """The index `fruitpipe index` built over `space` (pca or features); refused in one line when there is none."""
+        """The index `fruitpipe index` built over `space` (pca or features); refused in one line when there is none
+        or when the manifest no longer lists it (the run was resumed since)."""
+        option = "" if space == PCA else f" --space {space}"
+        rebuild = f"build it with `fruitpipe index {self.output}{option}`"
         try:
             description = sinks.read_json(self._out, _index_path(space, ".json"))
-            return StoredIndex(read_bytes(self._out, self._out.join(_index_path(space, ".faiss"))),
-                               sinks.read_parquet(self._out, _index_path(space, "-rows.parquet")), description)
+            stored = StoredIndex(read_bytes(self._out, self._out.join(_index_path(space, ".faiss"))),
+                                 sinks.read_parquet(self._out, _index_path(space, "-rows.parquet")), description)
         except FileNotFoundError:
-            option = "" if space == PCA else f" --space {space}"
-            raise FruitpipeError(f"{self.output} has no {space} index; build it with `fruitpipe index "
-                                 f"{self.output}{option}`") from None
+            raise FruitpipeError(f"{self.output} has no {space} index; {rebuild}") from None
+        if space not in self.manifest()["outputs"].get(INDEX, {}).get("spaces", {}):
+            raise FruitpipeError(f"the {space} index of {self.output} is older than its outputs (the manifest no "
+                                 f"longer lists it); {rebuild} again")
+        return stored
 
     def index_spaces(self) -> list[str]:
         """The spaces an index was built for."""
@@ -604,7 +609,13 @@ class RunFolder:
         sinks.write_json(self._out, DUPLICATE_SUMMARY, summary)
 
     def duplicates(self) -> Duplicates | None:
-        """What `fruitpipe duplicates` wrote, or None before it ran."""
+        """What `fruitpipe duplicates` wrote, or None before it ran or when the manifest no longer lists it (the
+        run was resumed since: its images may have changed)."""
+        if DUPLICATES not in self.manifest()["outputs"]:
+            return None
+        return self._stored_duplicates()
+
+    def _stored_duplicates(self) -> Duplicates | None:
         try:
             summary = sinks.read_json(self._out, DUPLICATE_SUMMARY)
             groups = sinks.read_parquet(self._out, DUPLICATE_GROUPS)
@@ -630,7 +641,7 @@ class RunFolder:
             manifest["outputs"][INDEX] = {"format": "faiss", "spaces": {
                 space: {key: value for key, value in sinks.read_json(self._out, _index_path(space, ".json")).items()
                         if key in ("kind", "metric", "count", "dim")} for space in spaces}}
-        found = self.duplicates()
+        found = self._stored_duplicates()
         if found is not None:
             manifest["outputs"][DUPLICATES] = {"format": "parquet", "groups_rows": found.groups.num_rows,
                                                "leaks_rows": None if found.leaks is None else found.leaks.num_rows,

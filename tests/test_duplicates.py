@@ -125,13 +125,19 @@ def test_duplicates_are_read_back_and_listed_in_the_manifest(planted, capsys):
 
 
 @pytest.mark.spark
-def test_a_source_that_lost_its_images_is_one_line(planted, tmp_path):
+def test_a_lost_source_is_one_line_and_unlisted_duplicates_are_not_read(planted, tmp_path):
     copied = tmp_path / "run"
     shutil.copytree(planted["run"], copied)
+    fruitpipe.find_duplicates(str(copied))
     manifest = json.loads((copied / "manifest.json").read_text())
     (copied / "manifest.json").write_text(json.dumps({**manifest, "source": str(tmp_path / "moved")}))
     with pytest.raises(FruitpipeError, match=r"is gone: near-duplicates are judged on the pixels"):
         fruitpipe.find_duplicates(str(copied))
+    assert RunFolder.finished(str(copied)).duplicates() is not None
+    # A run committed again since (a resume) lists no duplicates: the files left from before are not read.
+    manifest["outputs"].pop("duplicates")
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    assert RunFolder.finished(str(copied)).duplicates() is None
 
 
 @pytest.mark.spark

@@ -146,9 +146,16 @@ def test_vote_takes_the_majority_and_breaks_ties_by_the_nearest():
 
 
 @pytest.mark.spark
-def test_bad_input_is_one_line(indexed, finished_run, demo_root, capsys, monkeypatch):
+def test_bad_input_is_one_line(indexed, finished_run, demo_root, capsys, monkeypatch, tmp_path):
     with pytest.raises(FruitpipeError, match="has no pca index; build it with `fruitpipe index"):
         neighbours.open_index(RunFolder.finished(finished_run.output))
+    resumed = tmp_path / "resumed"  # a run committed again since (a resume): its manifest lists no index
+    shutil.copytree(indexed, resumed)
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    del manifest["outputs"]["index"]
+    (resumed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FruitpipeError, match="index of .* is older than its outputs"):
+        neighbours.open_index(RunFolder.finished(str(resumed)))
     assert main(["similar", str(indexed), str(demo_root / "no-such.jpg")]) == 2
     assert capsys.readouterr().err.strip() == f"fruitpipe: error: query not found: {demo_root / 'no-such.jpg'}"
     monkeypatch.setitem(sys.modules, "faiss", None)
