@@ -12,8 +12,6 @@ compared exactly as the run's images were.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from fruitpipe.dataset import IMAGE_SUFFIXES
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import needs_extras
 from fruitpipe.run_folder import ERRORS, FEATURES, INDEX, PCA, RunFolder, StoredIndex
-from fruitpipe.storage import find_files, locate, read_bytes
+from fruitpipe.storage import find_files, locate, read_bytes, write_bytes
 
 if TYPE_CHECKING:
     import faiss
@@ -236,8 +234,9 @@ def similar(run_dir: str, queries: Sequence[str], k: int, space: str,
     """The k nearest training images of every query image (files, or folders searched for images) by the run's
     saved index, with the k-NN vote; and (query, reason) for each query image that could not be processed.
 
-    The queries are copied into a temporary source (one class folder per query folder name) and extracted by
-    `pipeline.transform` with the config `make_config(source, output)` gives.
+    The queries are copied into a source in the run's scratch folder (one class folder per query folder name), where
+    executors reach them as they reached the run, and extracted there by `pipeline.transform` with the config
+    `make_config(source, output)` gives; the scratch folder is deleted afterwards.
     """
     import pandas as pd
 
@@ -248,8 +247,8 @@ def similar(run_dir: str, queries: Sequence[str], k: int, space: str,
     folder = RunFolder.finished(run_dir)
     index = open_index(folder, space)
     table, column = _space(space)
-    with tempfile.TemporaryDirectory(prefix="fruitpipe-similar-") as work:
-        source, output = os.path.join(work, "queries"), os.path.join(work, "extracted")
+    with folder.scratch() as work:
+        source, output = f"{work}/queries", f"{work}/extracted"
         origin = _stage_queries(queries, source)
         result = transform(run_dir, make_config(source, output))
         extracted = RunFolder.finished(result.output)
@@ -273,7 +272,7 @@ def similar(run_dir: str, queries: Sequence[str], k: int, space: str,
 
 
 def _stage_queries(queries: Sequence[str], source: str) -> dict[str, str]:
-    """Copy every query image into `source`/<folder name>/NNNNNN-<name>; returns staged relative path -> query."""
+    """Copy every query image to `source`/<folder name>/NNNNNN-<name>; returns staged relative path -> query."""
     images: list[str] = []
     for query in queries:
         location = locate(query)
@@ -287,6 +286,7 @@ def _stage_queries(queries: Sequence[str], source: str) -> dict[str, str]:
         if not found:
             raise FruitpipeError(f"no images found at {query} (give image files or folders holding them)")
         images.extend(location.uri(path) for path in found)
+    target = locate(source)
     origin = {}
     for number, image in enumerate(images):
         parent, name = (["", *image.rstrip("/").split("/")])[-2:]
@@ -294,8 +294,6 @@ def _stage_queries(queries: Sequence[str], source: str) -> dict[str, str]:
         folder_name = parent if usable else "query"
         staged = f"{folder_name}/{number:06d}-{name}"
         location = locate(image)
-        os.makedirs(os.path.join(source, folder_name), exist_ok=True)
-        with open(os.path.join(source, staged), "wb") as handle:
-            handle.write(read_bytes(location, location.path))
+        write_bytes(target, target.join(staged), read_bytes(location, location.path))
         origin[staged] = image
     return origin

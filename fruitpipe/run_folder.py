@@ -21,6 +21,7 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
                                   vectors, its description, and the image each of its ids stands for (`fruitpipe index`)
     duplicates/groups.parquet, leaks.parquet, summary.json   near-duplicate groups, test images leaked from training
                                   and the nearest-neighbour distance histogram (`fruitpipe duplicates`)
+    _scratch/<random>/            a query's images and their extraction while `fruitpipe similar` runs
 
 Index and duplicates are added to a finished run: the manifest's entry is withdrawn first (`withdraw_output`),
 the files written, then `list_outputs` rewrites the manifest whole, listing what is there now.
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,8 @@ DUPLICATES = "duplicates"
 DUPLICATE_GROUPS = f"{DUPLICATES}/groups.parquet"
 DUPLICATE_LEAKS = f"{DUPLICATES}/leaks.parquet"
 DUPLICATE_SUMMARY = f"{DUPLICATES}/summary.json"
+# Work that executors must reach, deleted when done (`similar` stages its queries and their extraction there).
+SCRATCH = "_scratch"
 _PART = re.compile(r"^part-(\d{5,})\.json$")
 # storage.write_bytes writes `.<name>.<uuid4 hex>.tmp` and renames it; a killed writer leaves the temp behind.
 _PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
@@ -647,6 +650,18 @@ class RunFolder:
                                                "leaks_rows": None if found.leaks is None else found.leaks.num_rows,
                                                "summary": DUPLICATE_SUMMARY}
         sinks.write_json(self._out, MANIFEST, manifest)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[str]:
+        """A fresh folder inside the run, where executors reach as they reached the run, deleted afterwards."""
+        path = f"{SCRATCH}/{uuid.uuid4().hex}"
+        try:
+            yield self.uri(path)
+        finally:
+            remove_tree(self._out, self._out.join(path))
+            if self._out.is_local:
+                with contextlib.suppress(OSError):  # still in use by another query: it stays
+                    os.rmdir(self._out.join(SCRATCH))
 
     def _finished_manifest(self) -> dict[str, Any]:
         require_finished(self.output)

@@ -20,7 +20,7 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.index import open_index
 from fruitpipe.pipeline import run
 from fruitpipe.run_folder import RunFolder
-from tests.support.s3 import create_bucket, upload_tree
+from tests.support.s3 import create_bucket, fruitpipe_command, object_keys, s3_environment, upload_tree
 
 ORIGINALS = ["Banana/2_100.jpg", "Apple Red 1/r_4_100.jpg", "Cherry Wax Red/5_100.jpg"]
 
@@ -162,7 +162,13 @@ def test_index_and_duplicates_on_an_s3_run_folder(planted, moto, s3_process_env)
     # A query image in the same bucket, against the run on S3: the image itself comes back first.
     client.put_object(Bucket="fruitpipe-similarity", Key="queries/Banana/photo.jpg",
                       Body=(planted["source"] / "Training" / ORIGINALS[0]).read_bytes())
-    answer = fruitpipe.similar(run_dir, "s3://fruitpipe-similarity/queries", k=3)
-    assert answer["query"].tolist() == ["s3://fruitpipe-similarity/queries/Banana/photo.jpg"] * 3
-    assert answer["query_folder"].iloc[0] == "Banana" and answer["distance"].iloc[0] < 1e-5
-    assert answer["path"].iloc[0] == f"Training/{ORIGINALS[0]}"
+    # The query is staged in the run's scratch folder on S3, where executors read it: a fresh process whose Spark
+    # workers get the S3 settings, as a user's would.
+    answered = fruitpipe_command(["similar", run_dir, "s3://fruitpipe-similarity/queries", "--k", "3", "--json"],
+                                 s3_environment(moto))
+    assert answered.returncode == 0, answered.stderr
+    (query,) = json.loads(answered.stdout)["queries"]
+    assert query["query"] == "s3://fruitpipe-similarity/queries/Banana/photo.jpg" and query["query_folder"] == "Banana"
+    nearest = query["neighbours"][0]
+    assert nearest["path"] == f"Training/{ORIGINALS[0]}" and nearest["distance"] < 1e-5
+    assert object_keys(client, "fruitpipe-similarity", "runs/planted/_scratch") == []
