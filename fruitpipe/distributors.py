@@ -46,8 +46,9 @@ LOCAL_MAX_IMAGES = 10_000
 # The PCA stages run in the driver up to this many images with features: their Gram matrix takes 0.43 CPU seconds
 # there (10,000 x 1280 float32 rows, one core), about what one Spark job costs to schedule (0.7-1.4 s measured).
 DRIVER_PCA_MAX_IMAGES = 10_000
-# What the local pool's server imports once, before it forks the workers.
-_PRELOADED = ("fruitpipe.stages", "pyspark")
+# What the local pool's server imports once, before it forks the workers: the tasks' code, pyspark (extract asks
+# it for the task attempt) and pandas (pyarrow imports it at a worker's first Table.from_pylist: 0.22-0.25 CPU s).
+_PRELOADED = ("fruitpipe.stages", "pyspark", "pandas")
 # How often a pool worker checks that the driver still runs, where no pidfd can wait for it (not Linux).
 DRIVER_POLL_S = 1.0
 
