@@ -140,12 +140,18 @@ def test_a_lost_source_is_one_line_and_unlisted_duplicates_are_not_read(planted,
     assert RunFolder.finished(str(copied)).duplicates() is None
 
 
-@pytest.mark.spark
-@pytest.mark.s3
-def test_index_and_duplicates_on_an_s3_run_folder(planted, moto, s3_process_env):
+@pytest.fixture(scope="module")
+def s3_run(planted, moto):
+    """The planted run uploaded to s3://fruitpipe-similarity/runs/planted; the bucket's client and the run's URI."""
     client = create_bucket(moto, "fruitpipe-similarity")
     upload_tree(client, Path(planted["run"]), "fruitpipe-similarity", "runs/planted")
-    run_dir = "s3://fruitpipe-similarity/runs/planted"
+    return client, "s3://fruitpipe-similarity/runs/planted"
+
+
+@pytest.mark.spark
+@pytest.mark.s3
+def test_index_and_duplicates_on_an_s3_run_folder(planted, s3_run, s3_process_env):
+    _, run_dir = s3_run
     described = fruitpipe.build_index(run_dir)
     assert described["kind"] == "flat" and described["count"] == 82
     folder = RunFolder.finished(run_dir)
@@ -159,11 +165,18 @@ def test_index_and_duplicates_on_an_s3_run_folder(planted, moto, s3_process_env)
     assert stored.groups.equals(found.groups) and stored.leaks.equals(found.leaks)
     outputs = RunFolder.finished(run_dir).manifest()["outputs"]
     assert outputs["index"]["spaces"]["pca"]["count"] == 82 and outputs["duplicates"]["groups_rows"] == 13
-    # A query image in the same bucket, against the run on S3: the image itself comes back first.
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+@pytest.mark.s3
+def test_similar_against_an_s3_run_with_its_query_in_s3(planted, s3_run, moto, s3_process_env):
+    """The query is staged in the run's scratch folder on S3, where executors read it: `fruitpipe similar` runs in a
+    fresh process whose Spark workers get the S3 settings, as a user's would."""
+    client, run_dir = s3_run
+    fruitpipe.build_index(run_dir)
     client.put_object(Bucket="fruitpipe-similarity", Key="queries/Banana/photo.jpg",
                       Body=(planted["source"] / "Training" / ORIGINALS[0]).read_bytes())
-    # The query is staged in the run's scratch folder on S3, where executors read it: a fresh process whose Spark
-    # workers get the S3 settings, as a user's would.
     answered = fruitpipe_command(["similar", run_dir, "s3://fruitpipe-similarity/queries", "--k", "3", "--json"],
                                  s3_environment(moto))
     assert answered.returncode == 0, answered.stderr
