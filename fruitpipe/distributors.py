@@ -24,6 +24,7 @@ import pickle
 import select
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -121,12 +122,33 @@ def prepare(config: RunConfig) -> None:
         _start_pool_server()
 
 
+class _WorkerProcess(multiprocessing.context.ForkServerProcess):
+    """A pool worker that does not import the driver's __main__ (multiprocessing's default): its tasks live in
+    importable modules, and a user's script run again in every worker would repeat whatever it does at the top
+    level, a run without an `if __name__ == "__main__"` guard included."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        main = sys.modules["__main__"]
+        hidden = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+        main.__spec__ = None
+        main.__dict__.pop("__file__", None)
+        try:
+            return multiprocessing.context.ForkServerProcess._Popen(process_obj)
+        finally:
+            main.__dict__.update(hidden)
+
+
+class _PoolContext(multiprocessing.context.ForkServerContext):
+    Process = _WorkerProcess
+
+
 def _start_pool_server() -> multiprocessing.context.BaseContext:
     """The context of the local pool: its fork server, started once per process, imports _PRELOADED before it
     forks a worker; ensure_running returns at once (the server imports on its own)."""
     from multiprocessing import forkserver
 
-    context = multiprocessing.get_context("forkserver")
+    context = _PoolContext()
     context.set_forkserver_preload(list(_PRELOADED))
     forkserver.ensure_running()
     return context

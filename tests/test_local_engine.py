@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,6 +153,19 @@ def test_the_pool_retries_a_failed_task_outlives_a_dead_worker_and_stops_after_t
         with pytest.raises(ValueError, match=f"attempt {TASK_RETRIES} failed"):
             pool.map(partial(_flaky, marks=tmp_path), ["always fails"])
     assert (tmp_path / "always fails").stat().st_size == TASK_RETRIES
+
+
+def test_a_script_without_a_main_guard_runs_its_top_level_once(tmp_path):
+    """The workers never import the driver's __main__: a script calling fruitpipe at its top level, as the README's
+    Python example does, is not run again in every worker."""
+    script = tmp_path / "script.py"
+    script.write_text("from fruitpipe.distributors import LocalDistributor\n"
+                      "print('top level', flush=True)\n"
+                      "with LocalDistributor(2) as pool:\n"
+                      "    print(pool.map(abs, [-1, -2, -3]))\n")
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.splitlines() == ["top level", "[1, 2, 3]"]
 
 
 def _started_run(demo_root, cache_dir, out: Path) -> subprocess.Popen:
