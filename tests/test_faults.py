@@ -58,18 +58,19 @@ def _kill_at(process: subprocess.Popen, out: Path, moment: tuple[int, int] | str
     """Wait for a seeded moment of the run: early start-up (before its first shard), a number of shards done drawn
     from (low, high), or all shards done (the run is then fitting the PCA or writing outputs). Every moment but
     start-up waits until this run itself has done a shard, or (all shards done before it) has started its Spark
-    workers: a fast earlier attempt must not let a kill land before this one's Spark has started."""
+    JVM: a fast earlier attempt must not let a kill land before this one's Spark has started."""
     if moment == "startup":
         started, delay = time.monotonic(), rng.uniform(0.5, 6.0)
         _wait_until(lambda: time.monotonic() - started > delay or _done_shards(out) > done_before
                     or process.poll() is not None, 60, "start-up")
     elif done_before >= SHARDS:
-        _wait_until(lambda: len(_session_members(process.pid)) >= 4 or process.poll() is not None, 240,
-                    "Spark workers of a run with every shard done")
+        _wait_until(lambda: len(_session_members(process.pid)) >= 2 or process.poll() is not None, 240,
+                    "the Spark JVM of a run with every shard done")
     else:
         target = SHARDS if moment == "finish" else max(rng.randint(*moment), done_before + 1)
         _wait_until(lambda: _done_shards(out) >= target or process.poll() is not None, 240, f"{target} shards")
-        time.sleep(rng.uniform(0.0, 1.5 if moment == "finish" else 0.4))
+        # All shards done, the driver fits the PCA and writes the outputs: under a second for this run's 240 images.
+        time.sleep(rng.uniform(0.0, 0.3 if moment == "finish" else 0.4))
     assert process.poll() is None, f"the run ended by itself (exit {process.returncode}) before the {moment} kill"
 
 
@@ -88,8 +89,12 @@ def _kill_and_resume(source: Path, out: Path, cache_dir: str, moments: list, see
             _kill_at(process, out, moment, rng, done_before)
             done_at_kill.append(_done_shards(out))
             running = _session_members(process.pid)
+            # Python workers run while shards are extracted; once all are done (the PCA of a run this small runs in
+            # the driver, fruitpipe.distributors) the driver and its JVM remain.
+            extracting = moment != "finish" and done_before < SHARDS
             if moment != "startup":
-                assert len(running) >= 4, f"expected driver, JVM, PySpark daemon and workers, found {running}"
+                expected = "driver, JVM, PySpark daemon and workers" if extracting else "driver and JVM"
+                assert len(running) >= (4 if extracting else 2), f"expected {expected}, found {running}"
             if number % 2 == 0:
                 os.kill(process.pid, signal.SIGKILL)
             else:
