@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fruitpipe.config import (FIELD_TYPES, MODES, PRECISIONS, RUNTIMES, SPLITS, RunConfig, parse_spark_conf,
+from fruitpipe.config import (ENGINES, FIELD_TYPES, MODES, PRECISIONS, RUNTIMES, SPLITS, RunConfig, parse_spark_conf,
                               resolve_config)
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra, optional_module
@@ -62,6 +62,9 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
 def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("spark")
     group.add_argument("--master", help="Spark master URL (default local[*]); e.g. spark://host:7077, yarn")
+    group.add_argument("--engine", choices=ENGINES,
+                       help="where the tasks run: spark, a local process pool, or auto (default): the local pool for "
+                            "a small run on this machine (no --master or a local one, no --spark-conf), else Spark")
     group.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="a Spark setting (repeatable)")
     group.add_argument("--threads-per-task", type=_positive_int, metavar="N",
                        help="ONNX Runtime threads per Spark task; keep tasks x threads <= cores (default 1)")

@@ -105,13 +105,21 @@ def open_distributor(engine: str, config: RunConfig, tasks: int) -> Iterator[Dis
     """The run's distributor for its lifetime: a Spark session (reused or started) or a local pool of at most
     `tasks` workers, stopped on the way out (at once on an error or Ctrl-C)."""
     if engine == SPARK_ENGINE:
-        with spark_session(config.master, dict(config.spark_conf)) as session:
+        with spark_session(config.master, spark_settings(config)) as session:
             yield SparkDistributor(session)
         return
     cores = local_master_cores(_master(config) or DEFAULT_MASTER) or 1
     workers = max(1, min(tasks, cores // config.threads_per_task))
     with LocalDistributor(workers) as distributor:
         yield distributor
+
+
+def spark_settings(config: RunConfig) -> dict[str, str]:
+    """The run's Spark settings: a task takes as many cores as its runtime has threads (spark.task.cpus), so that
+    tasks x threads stay within every executor's cores, on a laptop, a cluster or EMR alike; the user's
+    --spark-conf comes last and wins."""
+    layout = {"spark.task.cpus": str(config.threads_per_task)} if config.threads_per_task > 1 else {}
+    return {**layout, **config.spark_conf}
 
 
 def prepare(config: RunConfig) -> None:
