@@ -79,3 +79,28 @@ def test_cluster_processes_are_gone_after_stop(demo_root, tmp_path):
         processes = cluster.processes
     assert all(process.poll() is not None for process in processes)
     assert cluster.state() is None
+
+
+def test_index_similar_and_duplicates_on_the_cluster_run(cluster_run, demo_root):
+    """The uses of the features work on a run the cluster made, and `similar` extracts its queries on the cluster's
+    executors: a training image finds itself first, at distance ~0."""
+    cluster, output, _ = cluster_run
+    env = {**os.environ, "SPARK_LOCAL_IP": HOST}
+
+    def fruitpipe(*arguments: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "fruitpipe.cli", *arguments], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, f"{done.stderr[-3000:]}\n{cluster.logs()[-3000:]}"
+        return done
+
+    fruitpipe("index", str(output))
+    query = sorted((demo_root / "Training").glob("*/*.jpg"))[5]
+    found = json.loads(fruitpipe("similar", str(output), str(query), "--k", "3", "--json", "--master",
+                                 cluster.master_url, "--spark-conf", f"spark.driver.host={HOST}",
+                                 "--spark-conf", "spark.executor.memory=512m").stdout)
+    (answer,) = found["queries"]
+    nearest = answer["neighbours"][0]
+    assert nearest["path"] == str(query.relative_to(demo_root)) and nearest["distance"] < 1e-4, answer
+    fruitpipe("duplicates", str(output))
+    summary = json.loads((output / "duplicates" / "summary.json").read_text())
+    assert summary["groups"] == 0, summary
