@@ -2,7 +2,10 @@
 run on the run's engine (fruitpipe.distributors: Spark, or a local process pool for a small run).
 
 A run folder is resumable: shards whose stats file exists are done and skipped; a run folder made with a
-different configuration is refused rather than mixed; `overwrite` starts afresh.
+different configuration is refused rather than mixed; `overwrite` starts afresh. It also grows: the same command
+after photos were added to or removed from the source plans the new images into new shards (`plan_run`), rewrites
+the shards that lost images from their stored parts, refits the PCA from every shard's stored statistics and
+re-projects; the selection (--limit, --per-class, --mode mini) is the one the command computes on the grown source.
 """
 
 from __future__ import annotations
@@ -36,10 +39,9 @@ from fruitpipe.images import RESIZE_METHOD
 from fruitpipe.models.artifact import ModelArtifact, build_artifact, load_artifact
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
 from fruitpipe.progress import ExtractionProgress
-from fruitpipe.records import ImageRow, ShardStats, records_digest
+from fruitpipe.records import ImageRow, ShardPlan, ShardStats
 from fruitpipe.run_folder import (
     ERRORS,
-    FEATURES,
     PCA,
     RunFolder,
     RunResult,
@@ -132,8 +134,11 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     unlisted = [file for file in listing.other_files if _in_selection(file, selection)]
     seconds["list"] = time.perf_counter() - phase
     engine = choose_engine(config, len(images))
+    stored = None if config.overwrite else folder.stored_plan()
     if config.shard_size is None:
-        config = dataclasses.replace(config, shard_size=auto_shard_size(len(images)))
+        # A stored plan keeps the shard size its first run chose, so growing does not change the fingerprint.
+        size = stored.shard_size if stored is not None else auto_shard_size(len(images))
+        config = dataclasses.replace(config, shard_size=size)
 
     if fixed_pca is None and config.pca_variance is None:
         _check_k(config.pca_k, artifact.spec.feature_dim, len(images))
@@ -142,10 +147,12 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     seconds["choose_runtime"] = time.perf_counter() - phase
     fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256,
                                      runtime.runtime, RESIZE_METHOD)
-    shards = plan_shards(images, config.shard_size)
+    plan = plan_run(images, config.shard_size, stored)
+    shards = plan.shards
     identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
-                "images": len(images), "listing_sha256": records_digest(r for rows in shards.values() for r in rows)}
-    folder.check(identity, config.overwrite)
+                "images": len(images), "listing_sha256": plan.digest()}
+    grows_from = stored.digest() if stored is not None else None
+    folder.check(identity, config.overwrite, grows_from)
 
     settings = ExtractionSettings(source=config.source, output=config.output,
                                   preprocessing=artifact.preprocessing(), model_key=artifact.onnx_sha256, batch_size=config.batch_size,
@@ -153,7 +160,11 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                                   read_attempts=config.read_attempts, precision=config.precision,
                                   runtime=runtime.runtime)
     with unavailable_reported(), open_distributor(engine, config, len(shards)) as distributor:
-        folder.claim(identity, replacing=config.overwrite)
+        folder.claim(identity, replacing=config.overwrite, grows_from=grows_from)
+        if plan is not stored:
+            folder.write_plan(plan)
+        if stored is not None:
+            _drop_removed(folder, stored, plan)
         folder.write_artifact(artifact, onnx)
         folder.write_listing_errors(_listing_errors(unlisted))
         done = folder.completed_shards(shards)
@@ -174,7 +185,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
             if images_ok < 2:
                 raise FruitpipeError(f"only {images_ok} of {len(images)} images could be processed; "
                                      f"see {folder.uri(ERRORS)}")
-            statistics = stages.run_gram(pca_distributor, config.output, ok_shards, _shift(folder, ok_shards[0]))
+            statistics = stages.run_gram(pca_distributor, config.output, ok_shards)
             model = fit(statistics, k=None if config.pca_variance else config.pca_k, variance=config.pca_variance)
         seconds["pca_fit"] = time.perf_counter() - phase
 
@@ -198,7 +209,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
                        spark_master=engine_info.get("master", ""), hidden_files_skipped=listing.hidden_files, **counts)
-    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime, engine_info)
+    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime, engine_info, plan.generations)
     return result
 
 
@@ -218,24 +229,73 @@ def _in_selection(unlisted: UnlistedFile, selection) -> bool:
                                         for glob in selection.classes if unlisted.label)
 
 
-def plan_shards(images: list[ImageRecord], shard_size: int) -> dict[int, list[ImageRow]]:
-    """Deterministic shards of `shard_size` images in path order: the unit of work, output and resume."""
-    indices = label_indices(images)
-    return {shard_id: [ImageRow(image_id=r.image_id, path=r.path, label=r.label, label_index=indices[r.label],
-                                split=r.split, bytes=r.bytes, shard_id=shard_id, version=r.version)
-                       for r in images[start:start + shard_size]]
-            for shard_id, start in enumerate(range(0, len(images), shard_size))}
+def plan_shards(images: list[ImageRecord], shard_size: int, labels: dict[str, int] | None = None,
+                first_shard_id: int = 0) -> dict[int, list[ImageRow]]:
+    """Deterministic shards of `shard_size` images in the selection's order, numbered from `first_shard_id`: the
+    unit of work, output and resume. `labels` maps class -> label_index (default: sorted order of `images`)."""
+    indices = label_indices(images) if labels is None else labels
+    return {first_shard_id + number: [
+        ImageRow(image_id=r.image_id, path=r.path, label=r.label, label_index=indices[r.label], split=r.split,
+                 bytes=r.bytes, shard_id=first_shard_id + number, version=r.version)
+        for r in images[start:start + shard_size]]
+        for number, start in enumerate(range(0, len(images), shard_size))}
+
+
+def plan_run(images: list[ImageRecord], shard_size: int, stored: ShardPlan | None) -> ShardPlan:
+    """The run's shard plan: a fresh one (generation 0), the stored one when the selection is unchanged (a resume),
+    or the stored one grown by a generation: images no longer selected (removed, or changed in place) leave their
+    shards, new ones fill new shards numbered after every earlier one; no existing shard gains an image.
+
+    label_index is per run: kept for every class once given; a new class takes the next free index.
+    """
+    if stored is None:
+        labels = label_indices(images)
+        shards = plan_shards(images, shard_size, labels)
+        return ShardPlan(shards=shards, shard_generation=dict.fromkeys(shards, 0), labels=labels,
+                         shard_size=shard_size, generations=[_generation(0, len(images), 0, len(shards), 0)],
+                         next_shard_id=len(shards))
+    wanted = {(image.image_id, image.bytes, image.version) for image in images}
+    kept = {shard_id: [row for row in rows if (row.image_id, row.bytes, row.version) in wanted]
+            for shard_id, rows in stored.shards.items()}
+    removed = stored.images - sum(len(rows) for rows in kept.values())
+    kept_ids = {row.image_id for rows in kept.values() for row in rows}
+    added = [image for image in images if image.image_id not in kept_ids]
+    if not added and not removed:
+        return stored
+    labels = dict(stored.labels)
+    for label in sorted({image.label for image in added} - set(labels)):
+        labels[label] = max(labels.values(), default=-1) + 1
+    new_shards = plan_shards(added, shard_size, labels, stored.next_shard_id)
+    generation = stored.generation + 1
+    shrunk = sum(1 for shard_id, rows in kept.items() if len(rows) < len(stored.shards[shard_id]))
+    return ShardPlan(
+        shards={**{shard_id: rows for shard_id, rows in kept.items() if rows}, **new_shards},
+        shard_generation={**stored.shard_generation, **dict.fromkeys(new_shards, generation)},
+        labels=labels, shard_size=shard_size,
+        generations=[*stored.generations, _generation(generation, len(added), removed, len(new_shards), shrunk)],
+        next_shard_id=stored.next_shard_id + len(new_shards))
+
+
+def _generation(generation: int, added: int, removed: int, shards_added: int, shards_shrunk: int) -> dict:
+    """One line of the run's history, as plan.json and the manifest list it."""
+    return {"generation": generation, "created_unix": time.time(), "images_added": added,
+            "images_removed": removed, "shards_added": shards_added, "shards_shrunk": shards_shrunk}
+
+
+def _drop_removed(folder: RunFolder, stored: ShardPlan, plan: ShardPlan) -> None:
+    """Take the images `plan` no longer holds out of the stored shards: a shard left empty is deleted, a whole one
+    rewritten from its own parts (no extraction); one that is not whole is redone by extraction anyway."""
+    for shard_id, rows in stored.shards.items():
+        if shard_id not in plan.shards:
+            folder.remove_shard(shard_id)
+        elif len(plan.shards[shard_id]) < len(rows):
+            folder.drop_images(shard_id, rows, plan.shards[shard_id])
 
 
 def _listing_errors(unlisted: list[UnlistedFile]) -> pa.Table:
     rows = [{"image_id": "", "path": file.path, "label": file.label, "stage": "list", "reason": file.reason,
              "retryable": False} for file in unlisted]
     return pa.Table.from_pylist(rows, schema=sinks.ERRORS_SCHEMA)
-
-
-def _shift(folder: RunFolder, shard_id: int) -> np.ndarray:
-    """A row near the data's centre (one shard's mean) to keep the Gram sums well conditioned."""
-    return sinks.vectors_matrix(folder.part(FEATURES, shard_id), "features").astype(np.float64).mean(axis=0)
 
 
 def _write_pca_model(folder: RunFolder, model: PcaModel, artifact: ModelArtifact) -> None:
@@ -254,7 +314,8 @@ def versions() -> dict[str, str]:
 
 
 def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model: PcaModel, result: RunResult,
-            stats: list[ShardStats], fingerprint: str, runtime: runtimes.Choice, engine: dict) -> None:
+            stats: list[ShardStats], fingerprint: str, runtime: runtimes.Choice, engine: dict,
+            generations: list[dict]) -> None:
     """model_info, resolved config and, last, the manifest that lists every output and its row count (committed
     through `folder`, which checks that this run still holds OUT)."""
     spec = artifact.spec
@@ -276,6 +337,7 @@ def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model
         "fruitpipe": __version__, "fingerprint": fingerprint, "created_unix": time.time(),
         "source": config.source, "split": config.split, "model": spec.name, "pca_k": model.k,
         **counts, "hidden_files_skipped": result.hidden_files_skipped, "shards": result.shards_total, "shards_resumed": result.shards_resumed,
+        "generations": generations,
         "outputs": folder.outputs(), "documents": folder.documents(config.features_csv),
         "python": sys.version.split()[0],
     }

@@ -1,4 +1,5 @@
-"""The typed records that cross the Spark boundary: the image rows a shard task gets, the stats it gives back.
+"""The typed records that cross the Spark boundary: the image rows a shard task gets, the stats it gives back;
+and the run's shard plan, which the run folder stores so a later run can grow it.
 
 Both are plain dataclasses, picklable and small; `ShardStats` is also the shard's commit record on disk
 (`RunFolder.write_shard`), so its `to_dict` is the JSON document older run folders hold and `from_dict` reads
@@ -77,3 +78,33 @@ def records_digest(rows: Iterable[ImageRow]) -> str:
     for row in rows:
         digest.update(f"{row.path}\0{row.bytes}\0{row.version}\n".encode())
     return digest.hexdigest()
+
+
+@dataclass
+class ShardPlan:
+    """Which image goes in which shard, as the run folder stores it (`RunFolder.write_plan`).
+
+    A run that grows keeps every existing shard and appends new ones: `generation` says in which run a shard was
+    planned, `labels` keeps each class's label_index for good (a new class gets the next free index), and
+    `generations` records each growth (when, images and shards added and removed). `next_shard_id` is never
+    reused, so a shard id always names the same images.
+    """
+
+    shards: dict[int, list[ImageRow]]
+    shard_generation: dict[int, int]
+    labels: dict[str, int]
+    shard_size: int
+    generations: list[dict[str, Any]]
+    next_shard_id: int
+
+    @property
+    def generation(self) -> int:
+        return int(self.generations[-1]["generation"]) if self.generations else 0
+
+    @property
+    def images(self) -> int:
+        return sum(len(rows) for rows in self.shards.values())
+
+    def digest(self) -> str:
+        """records_digest over every planned image in shard order: the run's listing identity."""
+        return records_digest(row for shard_id in sorted(self.shards) for row in self.shards[shard_id])

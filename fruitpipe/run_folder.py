@@ -13,6 +13,11 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
     errors/part-NNNNN.parquet     image_id, path, label, stage, reason, retryable (every shard writes one;
                                   part-listing.parquet holds the files the listing could not take as images)
     _shards/part-NNNNN.json       per-shard stats (`records.ShardStats`); written last, it marks the shard done
+    _gram/part-NNNNN.npz          the shard's PCA sufficient statistics (`pca.GramStatistics.to_bytes`), written
+                                  before its stats file, so a refit never reads old features again
+    _plan/images.parquet          the shard plan (`records.ShardPlan`): image_id, path, label, label_index, split,
+                                  bytes, version, shard_id, generation; `_plan/plan.json`: shard size, label
+                                  indices, next shard id and the generations (written at claim)
     model/                        pca_model.npz + pca_model.json; the model artifact (models.artifact's files)
     _fruitpipe_run.json           run marker: identity (fingerprint, listing digest, ...), state and lease
     model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json (written last, withdrawn first)
@@ -25,6 +30,10 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
 
 Index and duplicates are added to a finished run: the manifest's entry is withdrawn first (`withdraw_output`),
 the files written, then `list_outputs` rewrites the manifest whole, listing what is there now.
+
+A run that grows (the same command after photos were added to or removed from the source) keeps its stored plan:
+new images go into new shards of a new generation, shards that lost images are rewritten from their own parts
+(`drop_images`), and the PCA is refitted from every shard's stored statistics. The manifest lists the generations.
 
 The lifecycle: a run claims OUT before it changes anything in it (the run marker says `in_progress` and holds the
 run's lease), withdraws manifest.json, writes its outputs, then commits: manifest.json last, then the marker says
@@ -52,7 +61,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -68,7 +77,7 @@ from fruitpipe.models.artifact import (
     load_artifact,
     write_artifact,
 )
-from fruitpipe.records import ImageRow, ShardStats, records_digest
+from fruitpipe.records import ImageRow, ShardPlan, ShardStats, records_digest
 from fruitpipe.storage import (
     Location,
     exists,
@@ -84,7 +93,7 @@ from fruitpipe.storage import (
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fruitpipe.pca import PcaModel
+    from fruitpipe.pca import GramStatistics, PcaModel
 
 # The tables of a run, one folder of Parquet parts each (also the names `table` and RunResult.arrow take).
 FEATURES = "features"
@@ -99,6 +108,10 @@ MODEL_INFO = "model_info/model_info.json"
 CONFIG_YAML = "config.yaml"
 VARIANCE_CSV = "variance.csv"
 SHARD_STATS = "_shards"
+SHARD_GRAMS = "_gram"
+PLAN = "_plan"
+PLAN_IMAGES = f"{PLAN}/images.parquet"
+PLAN_JSON = f"{PLAN}/plan.json"
 MODEL = "model"
 PCA_MODEL_NPZ = f"{MODEL}/pca_model.npz"
 PCA_MODEL_JSON = f"{MODEL}/pca_model.json"
@@ -277,10 +290,11 @@ class RunFolder:
 
     # -- the driver's lifecycle ----------------------------------------------------------------------------------
 
-    def check(self, identity: Mapping[str, Any], overwrite: bool) -> None:
+    def check(self, identity: Mapping[str, Any], overwrite: bool, grows_from: str | None = None) -> None:
         """Before anything is written: refuse a folder holding something else, one another run holds, or (unless
         `overwrite`) a run of another configuration or over another set of images (the source changed since),
-        rather than mix the two. `identity` holds fingerprint, model, source, images and listing_sha256."""
+        rather than mix the two. `identity` holds fingerprint, model, source, images and listing_sha256;
+        `grows_from` is the listing_sha256 of the stored plan this run grows (None: it grows nothing)."""
         try:
             if self._out.call("isfile", self._out.path):
                 raise FruitpipeError(f"output {self.output} is a file; choose a folder")
@@ -302,12 +316,13 @@ class RunFolder:
             raise FruitpipeError(f"output {self.output} holds a run with another configuration "
                                  f"(model {marker.get('model')}, source {marker.get('source')}); "
                                  "use --overwrite to replace it or choose another output")
-        if marker.get("listing_sha256") != identity.get("listing_sha256"):
+        if marker.get("listing_sha256") not in (identity.get("listing_sha256"), grows_from):
+            unplanned = "" if grows_from else " and it stores no shard plan to grow (written by an older fruitpipe)"
             raise FruitpipeError(f"output {self.output} holds a run over other images ({marker.get('images')} "
-                                 f"then, {identity.get('images')} now: the source changed); use --overwrite to "
-                                 "start afresh or choose another output")
+                                 f"then, {identity.get('images')} now: the source changed){unplanned}; use "
+                                 "--overwrite to start afresh or choose another output")
 
-    def claim(self, identity: Mapping[str, Any], replacing: bool) -> None:
+    def claim(self, identity: Mapping[str, Any], replacing: bool, grows_from: str | None = None) -> None:
         """Check OUT again (another run may have written it since), take the lease, mark the folder in progress and
         withdraw its manifest, before anything else changes; then clear it when `replacing` a run, else delete the
         temp files of writers killed mid-write.
@@ -315,7 +330,7 @@ class RunFolder:
         `identity` goes into the marker, except when replacing: the old run's identity stays until the clear is
         done, so an --overwrite cut short still refuses a plain re-run and can be redone.
         """
-        self.check(identity, replacing)
+        self.check(identity, replacing, grows_from)
         try:
             self._take_lease(identity, replacing)
             if replacing:
@@ -440,13 +455,21 @@ class RunFolder:
     # -- shards: executors write them, the driver resumes and reads them ------------------------------------------
 
     def write_shard(self, shard_id: int, tables: ShardTables, stats: Callable[[], ShardStats]) -> ShardStats:
-        """Write a shard's parts whole, then its stats file: the commit record, so a shard with stats is done.
+        """Write a shard's parts whole and its PCA statistics, then its stats file: the commit record, so a shard
+        with stats is done.
 
         `stats` is called between the two, so the stats can count the time the parts took to write.
         """
+        from fruitpipe.pca import GramStatistics
+
         sinks.write_parquet(self._out, _part(FEATURES, shard_id), tables.features)
         sinks.write_parquet(self._out, _part(METADATA, shard_id), tables.metadata)
         sinks.write_parquet(self._out, _part(ERRORS, shard_id), tables.errors)
+        if tables.features.num_rows:
+            gram = GramStatistics.of(sinks.vectors_matrix(tables.features, "features"))
+            write_bytes(self._out, self._out.join(_gram_path(shard_id)), gram.to_bytes())
+        else:
+            remove_tree(self._out, self._out.join(_gram_path(shard_id)))
         record = stats()
         sinks.write_json(self._out, _stats_path(shard_id), record.to_dict())
         return record
@@ -466,6 +489,72 @@ class RunFolder:
 
     def shard_stats(self, shard_id: int) -> ShardStats:
         return ShardStats.from_dict(sinks.read_json(self._out, _stats_path(shard_id)))
+
+    def shard_gram(self, shard_id: int) -> GramStatistics:
+        """A done shard's PCA statistics as stored; a shard written before they were stored gets them computed from
+        its features now (and stored, for the next refit)."""
+        from fruitpipe.pca import GramStatistics
+
+        path = self._out.join(_gram_path(shard_id))
+        try:
+            return GramStatistics.from_bytes(read_bytes(self._out, path))
+        except FileNotFoundError:
+            gram = GramStatistics.of(sinks.vectors_matrix(self.part(FEATURES, shard_id), "features"))
+            write_bytes(self._out, path, gram.to_bytes())
+            return gram
+
+    def drop_images(self, shard_id: int, rows: list[ImageRow], kept: list[ImageRow]) -> bool:
+        """Rewrite a done shard planned with `rows` to hold only `kept`, from its own parts (no extraction), with
+        its statistics recomputed; False (nothing changed) when the shard is not whole: extraction redoes it."""
+        if not self._shard_is_whole(shard_id, rows):
+            return False
+        stats = self.shard_stats(shard_id)
+        remove_tree(self._out, self._out.join(_stats_path(shard_id)))
+        keep = pa.array([row.image_id for row in kept], pa.string())
+        tables = ShardTables(*(self._kept_rows(self.part(name, shard_id), keep) for name in (FEATURES, METADATA, ERRORS)))
+        self.write_shard(shard_id, tables, lambda: replace(
+            stats, images=len(kept), ok=tables.features.num_rows, failed=tables.errors.num_rows,
+            images_sha256=records_digest(kept)))
+        return True
+
+    @staticmethod
+    def _kept_rows(table: pa.Table, keep: pa.Array) -> pa.Table:
+        import pyarrow.compute as pc
+
+        return table.filter(pc.is_in(table.column("image_id"), value_set=keep))
+
+    def remove_shard(self, shard_id: int) -> None:
+        """Delete everything of a shard the plan no longer holds (its images all left the source): stats first."""
+        for path in (_stats_path(shard_id), _gram_path(shard_id), *(_part(name, shard_id) for name in TABLES)):
+            remove_tree(self._out, self._out.join(path))
+
+    # -- the shard plan ------------------------------------------------------------------------------------------
+
+    def stored_plan(self) -> ShardPlan | None:
+        """The shard plan the folder holds, or None (a new folder, or one written before plans were stored)."""
+        try:
+            document = sinks.read_json(self._out, PLAN_JSON)
+            table = sinks.read_parquet(self._out, PLAN_IMAGES)
+        except (FileNotFoundError, NotADirectoryError):  # `check` says what OUT holds instead
+            return None
+        shards: dict[int, list[ImageRow]] = {}
+        generation: dict[int, int] = {}
+        for row in table.to_pylist():
+            shards.setdefault(int(row["shard_id"]), []).append(ImageRow.from_dict(row))
+            generation[int(row["shard_id"])] = int(row["generation"])
+        return ShardPlan(shards=dict(sorted(shards.items())), shard_generation=generation,
+                         labels={str(k): int(v) for k, v in document["labels"].items()},
+                         shard_size=int(document["shard_size"]), generations=list(document["generations"]),
+                         next_shard_id=int(document["next_shard_id"]))
+
+    def write_plan(self, plan: ShardPlan) -> None:
+        """Store the plan: the images first, then plan.json, which a reader needs too."""
+        rows = [{**row.to_dict(), "generation": plan.shard_generation[shard_id]}
+                for shard_id in sorted(plan.shards) for row in plan.shards[shard_id]]
+        sinks.write_parquet(self._out, PLAN_IMAGES, pa.Table.from_pylist(rows, schema=_PLAN_SCHEMA))
+        sinks.write_json(self._out, PLAN_JSON, {"shard_size": plan.shard_size, "labels": plan.labels,
+                                                "next_shard_id": plan.next_shard_id,
+                                                "generations": plan.generations})
 
     def completed_shards(self, plan: Mapping[int, list[ImageRow]]) -> set[int]:
         """The planned shards already done: stats file present and readable, every part holding the rows it says,
@@ -803,3 +892,12 @@ def _index_path(space: str, suffix: str) -> str:
 
 def _stats_path(shard_id: int) -> str:
     return f"{SHARD_STATS}/part-{shard_id:05d}.json"
+
+
+def _gram_path(shard_id: int) -> str:
+    return f"{SHARD_GRAMS}/part-{shard_id:05d}.npz"
+
+
+_PLAN_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()),
+                          ("label_index", pa.int64()), ("split", pa.string()), ("bytes", pa.int64()),
+                          ("shard_id", pa.int64()), ("version", pa.string()), ("generation", pa.int64())])

@@ -3,8 +3,8 @@ process pool and the driver itself run the same task functions.
 
 1. extract: one task per shard (`process_shard`): its ImageRows in, its stats back; the model bytes are shared
    (a Spark broadcast, a file for the pool), so a worker builds its runtime once however many shards it runs.
-2. gram: one task per group of feature shards returns their PCA sufficient statistics (one Gram matrix per group,
-   not per shard: each is D x D float64, 13 MB at D = 1280); the driver sums them.
+2. gram: one task per group of feature shards merges their stored PCA sufficient statistics (one Gram matrix back
+   per group, not per shard: each is D x D float64, 13 MB at D = 1280); the driver merges those.
 3. project: one task per feature shard writes its PCA shard.
 Features are materialised by stage 1, so the CNN runs once per image however many stages follow.
 
@@ -46,21 +46,22 @@ def _extract_shard(shard: tuple[int, list[ImageRow]], settings: ExtractionSettin
     return process_shard(shard_id, rows, settings, model_bytes)
 
 
-def run_gram(distributor: Distributor, output: str, shard_ids: list[int], shift: np.ndarray) -> GramStatistics:
-    """Stage 2: PCA sufficient statistics over every feature shard, summed on the driver."""
+def run_gram(distributor: Distributor, output: str, shard_ids: list[int]) -> GramStatistics:
+    """Stage 2: PCA sufficient statistics over every feature shard, merged on the driver. Each shard's are stored
+    with it (`RunFolder.shard_gram`), so a run that grew reads no old features again."""
     count = min(len(shard_ids), distributor.slots)
     groups = [shard_ids[start::count] for start in range(count)]
-    total = GramStatistics.empty(shift)
-    for statistics in distributor.map(partial(_gram_of_shards, output=output, shift=shift), groups):
+    total = GramStatistics.empty(np.zeros(0))
+    for statistics in distributor.map(partial(_gram_of_shards, output=output), groups):
         total.merge(statistics)
     return total
 
 
-def _gram_of_shards(shard_ids: list[int], output: str, shift: np.ndarray) -> GramStatistics:
+def _gram_of_shards(shard_ids: list[int], output: str) -> GramStatistics:
     folder = RunFolder(output)
-    statistics = GramStatistics.empty(shift)
+    statistics = GramStatistics.empty(np.zeros(0))
     for shard_id in shard_ids:
-        statistics.update(sinks.vectors_matrix(folder.part(FEATURES, shard_id), "features"))
+        statistics.merge(folder.shard_gram(shard_id))
     return statistics
 
 

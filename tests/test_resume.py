@@ -14,7 +14,6 @@ import pytest
 
 from fruitpipe.cli import main
 from fruitpipe.config import build_config
-from fruitpipe.errors import FruitpipeError
 from fruitpipe.pipeline import run
 from tests.support.processes import snapshot as _snapshot
 
@@ -131,17 +130,23 @@ def test_another_source_is_refused(base_run, demo_root, cache_dir, tmp_path, cap
     assert _snapshot(out) == before
 
 
-def test_a_source_that_changed_since_the_run_is_refused(base_run, demo_root, cache_dir, tmp_path):
+def test_a_source_that_changed_since_the_run_grows_on_spark(base_run, demo_root, cache_dir, tmp_path):
+    """An added file goes into a new shard; one rewritten in place leaves its shard (rewritten from its own parts)
+    and is extracted again in the new shard; the untouched shard is kept as it was."""
     source = tmp_path / "source"
     shutil.copytree(demo_root, source)
     out = tmp_path / "out"
     first = run(_config(source, out, cache_dir, classes=["Banana"]))
-    assert first.images_listed == 12
+    assert first.images_listed == 12 and first.shards_total == 2
     banana = sorted((source / "Training" / "Banana").glob("*.jpg"))
     shutil.copy(banana[0], banana[0].with_name("added.jpg"))
-    before = _snapshot(out)
-    with pytest.raises(FruitpipeError, match=r"holds a run over other images \(12 then, 13 now"):
-        run(_config(source, out, cache_dir, classes=["Banana"]))
-    assert _snapshot(out) == before
-    again = run(_config(source, out, cache_dir, classes=["Banana"], overwrite=True))
-    assert again.images_listed == again.images_ok == 13 and again.shards_resumed == 0
+    shutil.copy(banana[-1], banana[1])
+    untouched = (out / "_shards" / "part-00001.json").read_bytes()
+    again = run(_config(source, out, cache_dir, classes=["Banana"]))
+    assert again.images_listed == again.images_ok == 13 and (again.shards_total, again.shards_resumed) == (3, 2)
+    assert (out / "_shards" / "part-00001.json").read_bytes() == untouched
+    assert json.loads((out / "_shards" / "part-00002.json").read_text())["images"] == 2
+    features = again.features().set_index("path")
+    rewritten, original = (image.relative_to(source).as_posix() for image in (banana[1], banana[-1]))
+    np.testing.assert_allclose(features.loc[rewritten, "features"], features.loc[original, "features"], atol=1e-6)
+    assert [g["images_added"] for g in json.loads((out / "manifest.json").read_text())["generations"]] == [12, 2]
