@@ -9,44 +9,69 @@ comparison a run from scratch over the grown source, into another folder.
     python bench/grow_bench.py                          # 20 classes x 60 images (about 2 minutes on 2 cores)
     python bench/grow_bench.py --classes 10 --per-class 30 --json output/bench/grow.json
 
-CPU seconds are this process's plus its finished children's (the local engine's pool workers, reaped when the run
-ends); with --engine spark the PySpark workers are the JVM's children and go uncounted, so use the local engine.
+Each run is a `fruitpipe run` process of its own; its CPU seconds are those of the process and everything it
+started (the local engine's pool workers; Spark's JVM and PySpark workers with --engine spark), sampled every
+SAMPLE_S, interpreter start included; its phases (list, extract, PCA fit and projection, outputs) come from its
+model_info.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fruitpipe.config import build_config  # noqa: E402
 from fruitpipe.demo_data import generate_demo_dataset  # noqa: E402
-from fruitpipe.pipeline import run  # noqa: E402
+from fruitpipe.run_folder import load_run  # noqa: E402
 
 HELD_OUT_EVERY = 10
+SAMPLE_S = 0.1
 
 
-def cpu_seconds() -> float:
-    """User + system seconds of this process and its reaped children so far."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def tree_cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU seconds (user + system) of `process` and every process it starts, sampled every SAMPLE_S until it ends:
+    the local pool's workers and Spark's JVM and PySpark workers included, whoever reaps them."""
+    root = psutil.Process(process.pid)
+    seen: dict[int, float] = {}
+    while process.poll() is None:
+        try:
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for member in members:
+            try:
+                times = member.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            seen[member.pid] = max(seen.get(member.pid, 0.0), times.user + times.system)
+        time.sleep(SAMPLE_S)
+    if process.wait() != 0:
+        raise SystemExit(f"fruitpipe run failed with status {process.returncode}")
+    return sum(seen.values())
 
 
-def timed_run(source: Path, output: Path, options: dict) -> dict:
-    """One `fruitpipe run` with its wall, CPU and extraction seconds and how much it extracted."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    result = run(build_config({}, {"source": str(source), "output": str(output), "quiet": True, **options}))
-    return {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(cpu_seconds() - cpu, 2),
-            "extract_s": round(result.seconds["extract"], 2), "images": result.images_ok,
-            "shards": result.shards_total, "shards_resumed": result.shards_resumed}
+def timed_run(source: Path, output: Path, options: list[str]) -> dict:
+    """One `fruitpipe run` in its own process, with its wall and CPU seconds, its phases and what it extracted."""
+    wall = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", str(source), str(output), "--quiet",
+                                *options], stdout=subprocess.DEVNULL)
+    cpu = tree_cpu_seconds(process)
+    wall = time.perf_counter() - wall
+    result = load_run(str(output))
+    phases = ("list", "extract", "pca_fit", "pca_transform", "write_outputs", "total")
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            **{f"{phase}_s": round(result.seconds[phase], 2) for phase in phases},
+            "images": result.images_ok, "shards": result.shards_total, "shards_resumed": result.shards_resumed}
 
 
 def main() -> int:
@@ -57,7 +82,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=None, help="model cache (default: fruitpipe's)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    options = {"engine": args.engine, **({"cache_dir": args.cache_dir} if args.cache_dir else {})}
+    options = ["--engine", args.engine, *(["--cache-dir", args.cache_dir] if args.cache_dir else [])]
     with tempfile.TemporaryDirectory(prefix="grow-bench-") as folder:
         root = Path(folder)
         source, parked = root / "fruits", root / "parked"
@@ -67,8 +92,8 @@ def main() -> int:
                 for image in sorted(class_folder.glob("*.jpg"))[::HELD_OUT_EVERY]]
         for number, image in enumerate(held):
             shutil.move(image, parked / str(number))
-        run(build_config({}, {"source": str(source), "output": str(root / "warm-up"), "limit": 8, "quiet": True,
-                              **options}))  # model export and runtime choice out of the timed runs
+        # model export and runtime choice out of the timed runs
+        timed_run(source, root / "warm-up", [*options, "--limit", "8", "--pca-k", "2"])
         first = timed_run(source, root / "out", options)
         for number, image in enumerate(held):
             shutil.move(parked / str(number), image)
@@ -76,7 +101,7 @@ def main() -> int:
         scratch = timed_run(source, root / "scratch", options)
     figures = {"classes": args.classes, "per_class": args.per_class, "engine": args.engine, "added": len(held),
                "first": first, "grow": grown, "from_scratch": scratch,
-               "grow_over_first": {key: round(grown[key] / first[key], 3) for key in ("wall_s", "cpu_s", "extract_s")}}
+               "grow_over_first": {key: round(grown[key] / first[key], 3) for key in ("wall_s", "cpu_s", "extract_s", "total_s")}}
     for name in ("first", "grow", "from_scratch"):
         print(f"{name:13s} {figures[name]}")
     print(f"grow / first  {figures['grow_over_first']}  ({len(held)} images added to {first['images']})")

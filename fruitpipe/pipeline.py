@@ -135,6 +135,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     seconds["list"] = time.perf_counter() - phase
     engine = choose_engine(config, len(images))
     stored = None if config.overwrite else folder.stored_plan()
+    spread_new_images = config.shard_size is None
     if config.shard_size is None:
         # A stored plan keeps the shard size its first run chose, so growing does not change the fingerprint.
         size = stored.shard_size if stored is not None else auto_shard_size(len(images))
@@ -147,7 +148,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     seconds["choose_runtime"] = time.perf_counter() - phase
     fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256,
                                      runtime.runtime, RESIZE_METHOD)
-    plan = plan_run(images, config.shard_size, stored)
+    plan = plan_run(images, config.shard_size, stored, spread_new_images)
     shards = plan.shards
     identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
                 "images": len(images), "listing_sha256": plan.digest()}
@@ -241,10 +242,13 @@ def plan_shards(images: list[ImageRecord], shard_size: int, labels: dict[str, in
         for number, start in enumerate(range(0, len(images), shard_size))}
 
 
-def plan_run(images: list[ImageRecord], shard_size: int, stored: ShardPlan | None) -> ShardPlan:
+def plan_run(images: list[ImageRecord], shard_size: int, stored: ShardPlan | None,
+             spread_new_images: bool = False) -> ShardPlan:
     """The run's shard plan: a fresh one (generation 0), the stored one when the selection is unchanged (a resume),
     or the stored one grown by a generation: images no longer selected (removed, or changed in place) leave their
-    shards, new ones fill new shards numbered after every earlier one; no existing shard gains an image.
+    shards, new ones fill new shards numbered after every earlier one; no existing shard gains an image. With
+    `spread_new_images` (the shard size is auto's) the new images spread over as many shards as a fresh run of
+    them would (`auto_shard_size`), so a small growth still keeps every core busy.
 
     label_index is per run: kept for every class once given; a new class takes the next free index.
     """
@@ -265,7 +269,8 @@ def plan_run(images: list[ImageRecord], shard_size: int, stored: ShardPlan | Non
     labels = dict(stored.labels)
     for label in sorted({image.label for image in added} - set(labels)):
         labels[label] = max(labels.values(), default=-1) + 1
-    new_shards = plan_shards(added, shard_size, labels, stored.next_shard_id)
+    new_size = min(shard_size, auto_shard_size(len(added))) if spread_new_images else shard_size
+    new_shards = plan_shards(added, new_size, labels, stored.next_shard_id)
     generation = stored.generation + 1
     shrunk = sum(1 for shard_id, rows in kept.items() if len(rows) < len(stored.shards[shard_id]))
     return ShardPlan(
@@ -284,7 +289,8 @@ def _generation(generation: int, added: int, removed: int, shards_added: int, sh
 
 def _drop_removed(folder: RunFolder, stored: ShardPlan, plan: ShardPlan) -> None:
     """Take the images `plan` no longer holds out of the stored shards: a shard left empty is deleted, a whole one
-    rewritten from its own parts (no extraction); one that is not whole is redone by extraction anyway."""
+    rewritten from its own parts (no extraction); one that is not whole is redone by extraction anyway, as is one
+    a killed run left unrewritten (its stats no longer match the stored plan)."""
     for shard_id, rows in stored.shards.items():
         if shard_id not in plan.shards:
             folder.remove_shard(shard_id)

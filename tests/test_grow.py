@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fruitpipe.config import build_config
+from fruitpipe.config import MIN_AUTO_SHARDS, build_config
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.pca import GramStatistics, fit
 from fruitpipe.pipeline import run
@@ -64,12 +64,14 @@ def grown(demo_root, cache_dir, tmp_path_factory):
 def test_growing_processes_only_the_new_images_and_equals_a_run_from_scratch(grown, fresh):
     source, out, first, second, stats_before, parts_before = grown
     assert (first.images_ok, second.images_ok) == (66, 72)
-    assert second.shards_resumed == first.shards_total and second.shards_total == first.shards_total + 1
+    assert second.shards_resumed == first.shards_total
     after = {p.name: p.read_bytes() for p in (out / "_shards").iterdir()}
     assert {name: after[name] for name in stats_before} == stats_before, "an existing shard was rewritten"
     assert {name: value for name, value in snapshot(out / "features").items() if name in parts_before} == parts_before
     new_stats = [json.loads(after[name]) for name in sorted(set(after) - set(stats_before))]
-    assert [s["images"] for s in new_stats] == [6] and new_stats[0]["shard_id"] == first.shards_total
+    # auto's shard size: the 6 new images spread over shards as a fresh run of 6 images would (one each)
+    assert [s["shard_id"] for s in new_stats] == list(range(first.shards_total, second.shards_total))
+    assert sum(s["images"] for s in new_stats) == 6 and len(new_stats) == min(6, MIN_AUTO_SHARDS)
 
     ours, theirs = second.features(), fresh.features()
     assert sorted(ours["image_id"]) == sorted(theirs["image_id"])
@@ -84,7 +86,7 @@ def test_growing_processes_only_the_new_images_and_equals_a_run_from_scratch(gro
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images_listed"] == manifest["images_ok"] == 72
     assert [(g["generation"], g["images_added"], g["images_removed"], g["shards_added"])
-            for g in manifest["generations"]] == [(0, 66, 0, first.shards_total), (1, 6, 0, 1)]
+            for g in manifest["generations"]] == [(0, 66, 0, first.shards_total), (1, 6, 0, len(new_stats))]
 
 
 def test_removed_photos_leave_the_outputs_and_the_refit_equals_a_fit_on_what_remains(grown, cache_dir, tmp_path):
