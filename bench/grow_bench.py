@@ -6,7 +6,7 @@ the first run over the rest, then the held-out images put back and the same comm
 only they are extracted, the PCA is refitted from the shards' stored statistics, every image re-projected). For
 comparison a run from scratch over the grown source, into another folder.
 
-    python bench/grow_bench.py                          # 20 classes x 60 images (about 2 minutes on 2 cores)
+    python bench/grow_bench.py                          # 20 classes x 60 images (34 s on 2 loaded cores)
     python bench/grow_bench.py --classes 10 --per-class 30 --json output/bench/grow.json
 
 Each run is a `fruitpipe run` process of its own; its CPU seconds are those of the process and everything it
