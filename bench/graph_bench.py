@@ -42,6 +42,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -291,13 +292,15 @@ def preprocessing_phases(batch_size: int, rounds: int) -> None:
             "decode": _cpu_us(lambda data: decode_rgb(data, SIZE), blobs, rounds),
             "format: PIL opens again": _cpu_us(image_size, blobs, rounds),
             "format: JPEG's first bytes": _cpu_us(image_format, blobs, rounds),
-            "resize (PIL)": _cpu_us(lambda image: square_pixels(image, prep), images, rounds),
+            "resize (PIL, before)": _cpu_us(lambda image: np.asarray(image.resize((SIZE, SIZE), Image.BILINEAR)),
+                                            images, rounds),
+            "resize (host, now)": _cpu_us(lambda image: square_pixels(image, prep), images, rounds),
             "normalise": _cpu_us(lambda pixels: normalise(pixels, prep), squares, rounds),
         }
         stack = {kind: _cpu_us(lambda i, kind=kind: np.stack(inputs[kind][i:i + batch_size]), list(groups), rounds)
                  / batch_size for kind in graphs}
-        phases = {"float": ["read", "decode", "format: PIL opens again", "resize (PIL)", "normalise"],
-                  "pixels": ["read", "decode", "format: JPEG's first bytes", "resize (PIL)"],
+        phases = {"float": ["read", "decode", "format: PIL opens again", "resize (PIL, before)", "normalise"],
+                  "pixels": ["read", "decode", "format: JPEG's first bytes", "resize (host, now)"],
                   "resize in graph": ["read", "decode", "format: JPEG's first bytes"]}
         batches = {kind: [np.stack(inputs[kind][i:i + batch_size]) for i in groups] for kind in graphs}
         loaded = {(kind, name): runtimes.load(path.read_bytes(), 1, "fp32", name)
