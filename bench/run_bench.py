@@ -95,7 +95,8 @@ def machine() -> dict:
             flags = next((line for line in handle if line.startswith("flags")), "")
     except OSError:
         pass
-    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+              if f" {f}" in flags]
     return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "vector_isa": vector,
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
             "platform": platform.platform(), "load_average": os.getloadavg()}

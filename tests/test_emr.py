@@ -864,10 +864,12 @@ def test_price_table_covers_every_sizable_instance_type():
 
 def test_default_throughput_is_the_benchmarked_rate_with_its_safety_factor():
     benchmarks = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
-    assert "**2 cores**" in benchmarks and "**259.7 img/s" in benchmarks and "| date | 2026-11-28 |" in benchmarks
-    assert cost.MEASURED_IMAGES_PER_CORE_S == pytest.approx(259.7 / 2)
+    measured = re.search(r"FULL fp32 \(the default[^|]*\| \*\*([\d.]+) img/s", benchmarks)
+    day = re.search(r"\| date \| (\d{4}-\d{2}-\d{2}) \|", benchmarks)
+    assert "**2 cores**" in benchmarks and measured and day and day.group(1) in cost.MEASURED_ON
+    assert cost.MEASURED_IMAGES_PER_CORE_S == pytest.approx(float(measured.group(1)) / 2)
     assert 0 < cost.SAFETY_FACTOR < 1
-    assert cost.DEFAULT_THROUGHPUT == pytest.approx(129.85 * cost.SAFETY_FACTOR)
+    assert cost.DEFAULT_THROUGHPUT == pytest.approx(cost.MEASURED_IMAGES_PER_CORE_S * cost.SAFETY_FACTOR)
     config = load_emr_config(None, {"core_instance_count": 2})
     e = cost.estimate(config, images=90_000)
     assert e.measured and e.throughput == cost.DEFAULT_THROUGHPUT
@@ -878,7 +880,8 @@ def test_default_throughput_is_the_benchmarked_rate_with_its_safety_factor():
 def test_cost_cli_prints_time_cost_and_cost_per_10k_images_in_both_currencies(capsys):
     assert cli.main(["emr", "cost", "--images", "90000"]) == 0
     out = capsys.readouterr().out
-    assert "speed: 64.9 images/s per executor vCPU (measured 129.85 per core x safety factor 0.5; BENCHMARKS.md" in out
+    assert (f"speed: {cost.DEFAULT_THROUGHPUT:.1f} images/s per executor vCPU (measured "
+            f"{cost.MEASURED_IMAGES_PER_CORE_S:.2f} per core x safety factor 0.5; BENCHMARKS.md") in out
     config = load_emr_config(None, {})
     e = cost.estimate(config, images=90_000)
     minutes = round(e.compute_h * 60)

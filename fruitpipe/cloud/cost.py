@@ -17,12 +17,12 @@ from .instances import INSTANCE_TYPES
 
 # Provisioning plus the bootstrap pip install, billed before the first image is read.
 DEFAULT_STARTUP_MINUTES = 12.0
-# Measured: BENCHMARKS.md, 2026-11-28, FULL run (67,692 images) end to end, 259.7 img/s on 2 AMD EPYC cores
-# (1 thread per core), efficientnet_lite0 fp32, batch 2, one single-threaded ONNX Runtime task per core.
+# Measured: BENCHMARKS.md, 2026-11-30, FULL run (67,692 images) end to end, 176.0 img/s on 2 AMD EPYC cores
+# (1 thread per core), efficientnet_lite0 fp32 (the default: --runtime auto), batch 2, one task per core.
 # End to end (listing, decoding, writing and the PCA included) rather than the inference ceiling, because a run
 # pays for all of it.
-MEASURED_IMAGES_PER_CORE_S = 259.7 / 2  # = 129.85
-MEASURED_ON = "BENCHMARKS.md, 2026-11-28: FULL run end to end on 2 AMD EPYC cores, efficientnet_lite0 fp32"
+MEASURED_IMAGES_PER_CORE_S = 176.0 / 2  # = 88.00
+MEASURED_ON = "BENCHMARKS.md, 2026-11-30: FULL run end to end on 2 AMD EPYC cores, efficientnet_lite0 fp32"
 # An EMR m5/c5/r5 vCPU is one hyperthread: two of them share a physical core, and two compute-bound ONNX
 # Runtime tasks on one core do well under twice the work of one. Executors also read every image from S3
 # (one request per small JPEG) where the benchmark read a local disk. Half the measured per-core rate covers both.
