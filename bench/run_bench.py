@@ -232,16 +232,18 @@ def auto_choices(models: dict[str, Model], threads: int, batch: int) -> dict[str
 
 
 class TreeSampler(threading.Thread):
-    """Peak summed RSS and PSS over a process and all its descendants (JVM, Python daemon and workers)."""
+    """Peak summed RSS and PSS over a process and all its descendants (JVM, Python daemon and workers), and the
+    peak RSS of the process itself (the driver)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, every_s: float = SAMPLE_EVERY_S) -> None:
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
-        self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.every_s = every_s
+        self.peak_rss = self.peak_pss = self.peak_processes = self.peak_root_rss = 0
         self._finished = threading.Event()
 
     def run(self) -> None:
-        while not self._finished.wait(SAMPLE_EVERY_S):
+        while not self._finished.wait(self.every_s):
             try:
                 tree = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
@@ -254,12 +256,30 @@ class TreeSampler(threading.Thread):
                     continue
                 rss += info.rss
                 pss += getattr(info, "pss", info.rss)
+                if process is self.root:
+                    self.peak_root_rss = max(self.peak_root_rss, info.rss)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_processes = max(self.peak_processes, len(tree))
 
     def stop(self) -> None:
         self._finished.set()
         self.join()
+
+
+def sampled_run(command: list[str], log: Path, every_s: float = SAMPLE_EVERY_S) -> tuple[float, TreeSampler]:
+    """Run `command` from the repository root with its output in `log`, its memory sampled; (wall seconds,
+    sampler). A failure ends the benchmark with the command and its log named."""
+    started = time.perf_counter()
+    with open(log, "wb") as stream:
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)
+        sampler = TreeSampler(process.pid, every_s)
+        sampler.start()
+        code = process.wait()
+        sampler.stop()
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {code}; see {log}")
+    return wall, sampler
 
 
 def run_end_to_end(label: str, source: Path, model: Model, selection: list[str], out_root: Path,
@@ -270,20 +290,12 @@ def run_end_to_end(label: str, source: Path, model: Model, selection: list[str],
     command = [sys.executable, "-m", "fruitpipe.cli", "run", str(source), str(output), *selection,
                *model.run_args(), "--overwrite", *(extra or [])]
     load = os.getloadavg()[0]
-    started = time.perf_counter()
-    with open(log, "wb") as stream:
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)
-        sampler = TreeSampler(process.pid)
-        sampler.start()
-        code = process.wait()
-        sampler.stop()
-    wall = time.perf_counter() - started
-    if code != 0:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {code}; see {log}")
+    wall, sampler = sampled_run(command, log)
     info = json.loads((output / "model_info" / "model_info.json").read_text())
     images = int(info["counts"]["images_listed"])
     return EndToEnd(label=label, model=model.name, precision=model.precision, runtime=info["runtime"]["runtime"],
-                    images=images, wall_s=wall, seconds=info["seconds"], shard_seconds_summed=info["shard_seconds_summed"],
+                    images=images, wall_s=wall, seconds=info["seconds"],
+                    shard_seconds_summed=info["shard_seconds_summed"],
                     images_per_second=images / info["seconds"]["total"], peak_rss_bytes=sampler.peak_rss,
                     peak_pss_bytes=sampler.peak_pss, peak_processes=sampler.peak_processes, load_before=load,
                     output=str(output), extra_args=list(extra or []))

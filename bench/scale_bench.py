@@ -18,13 +18,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from run_bench import sampled_run  # noqa: E402
+
 CLASSES = 100
 PER_CLASS_PROCESSED = 2
 # ext4 allows 65,000 links to one file: 160 seed JPEGs serve 10 million.
@@ -57,53 +58,14 @@ def build_source(root: Path, files: int) -> float:
     return time.perf_counter() - started
 
 
-class DriverSampler(threading.Thread):
-    """Peak RSS of the driver process alone (the Python process that lists and plans), and of its whole tree."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.driver = psutil.Process(pid)
-        self.driver_peak = self.tree_peak = 0
-        self._finished = threading.Event()
-
-    def run(self) -> None:
-        while not self._finished.wait(SAMPLE_EVERY_S):
-            try:
-                driver = self.driver.memory_info().rss
-                children = self.driver.children(recursive=True)
-            except psutil.Error:
-                return
-            tree = driver
-            for child in children:
-                try:
-                    tree += child.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.driver_peak, self.tree_peak = max(self.driver_peak, driver), max(self.tree_peak, tree)
-
-    def stop(self) -> None:
-        self._finished.set()
-        self.join()
-
-
 def measure(source: Path, out: Path, files: int) -> dict:
     """One `fruitpipe run --per-class 2` over the source in a fresh process, sampled."""
     command = [sys.executable, "-m", "fruitpipe.cli", "run", str(source), str(out), "--per-class",
                str(PER_CLASS_PROCESSED), "--overwrite", "--quiet"]
-    started = time.perf_counter()
-    log = out.with_suffix(".log")
-    with open(log, "wb") as stream:
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)
-        sampler = DriverSampler(process.pid)
-        sampler.start()
-        code = process.wait()
-        sampler.stop()
-    wall = time.perf_counter() - started
-    if code != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}")
+    wall, sampler = sampled_run(command, out.with_suffix(".log"), SAMPLE_EVERY_S)
     seconds = json.loads((out / "model_info" / "model_info.json").read_text())["seconds"]
-    return {"files": files, "wall_s": wall, "driver_peak_rss_mb": sampler.driver_peak / 2**20,
-            "tree_peak_rss_mb": sampler.tree_peak / 2**20, "seconds": seconds}
+    return {"files": files, "wall_s": wall, "driver_peak_rss_mb": sampler.peak_root_rss / 2**20,
+            "tree_peak_rss_mb": sampler.peak_rss / 2**20, "seconds": seconds}
 
 
 def main() -> int:
