@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fruitpipe.config import (ENGINES, FIELD_TYPES, MODES, PRECISIONS, RUNTIMES, SPLITS, RunConfig, parse_spark_conf,
-                              resolve_config)
+from fruitpipe.config import (CSV_SINGLE_FILE_MAX_IMAGES, ENGINES, FIELD_TYPES, MODES, PRECISIONS, RUNTIMES, SPLITS,
+                              RunConfig, parse_spark_conf, resolve_config)
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extras import MissingExtra, optional_module
 
@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the fewest components reaching this explained variance, e.g. 0.95")
     output = run.add_argument_group("output")
     output.add_argument("--features-csv", action="store_true", default=None, help="also write csv/features.csv")
+    output.add_argument("--csv-merged", action="store_true", default=None,
+                        help=f"one CSV file per table (csv/pca.csv, ...) even for a run of more than "
+                             f"{CSV_SINGLE_FILE_MAX_IMAGES:,} images, which otherwise keeps a folder of parts per "
+                             "table (csv/pca/part-*.csv)")
     output.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in OUT")
     output.add_argument("--quiet", action="store_true", default=None, help="no progress output")
     output.add_argument("--cache-dir", help="where exported models and downloaded weights are kept")

@@ -45,6 +45,7 @@ from fruitpipe.run_folder import (
     PCA,
     RunFolder,
     RunResult,
+    csv_tables,
     refuse_nested,
 )
 from fruitpipe.storage import unavailable_reported
@@ -192,7 +193,8 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
 
         phase = time.perf_counter()
         folder.clear(PCA)
-        stages.run_projection(pca_distributor, config.output, ok_shards, model)
+        folder.clear_csv_copies()
+        stages.run_projection(pca_distributor, config.output, sorted(shards), model, csv_tables(config.features_csv))
         seconds["pca_transform"] = time.perf_counter() - phase
         engine_info = {**distributor.info(), "pca_stages": pca_distributor.engine}
 
@@ -202,7 +204,8 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
               "images_failed": sum(s.failed for s in stats) - retryable + len(unlisted),
               "images_retryable": retryable}
     _write_pca_model(folder, model, artifact)
-    folder.write_csv_copies(config.features_csv)
+    csv_copies = folder.write_csv_copies(csv_tables(config.features_csv),
+                                         merge=config.merges_csv(counts["images_listed"]))
     seconds["write_outputs"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - started
     executors = sorted({str(s.executor["executor_id"]) for s in stats})
@@ -210,7 +213,8 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
                        spark_master=engine_info.get("master", ""), hidden_files_skipped=listing.hidden_files, **counts)
-    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime, engine_info, plan.generations)
+    _commit(folder, config, artifact, model, result, stats, fingerprint, runtime, engine_info, plan.generations,
+            listing_errors=len(unlisted), csv_copies=csv_copies)
     return result
 
 
@@ -321,9 +325,10 @@ def versions() -> dict[str, str]:
 
 def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model: PcaModel, result: RunResult,
             stats: list[ShardStats], fingerprint: str, runtime: runtimes.Choice, engine: dict,
-            generations: list[dict]) -> None:
-    """model_info, resolved config and, last, the manifest that lists every output and its row count (committed
-    through `folder`, which checks that this run still holds OUT)."""
+            generations: list[dict], listing_errors: int, csv_copies: list[str]) -> None:
+    """model_info, resolved config and, last, the manifest that lists every output and its row count, summed from
+    the shards' stats and the listing's `listing_errors` rows (committed through `folder`, which checks that this
+    run still holds OUT)."""
     spec = artifact.spec
     counts = {"images_listed": result.images_listed, "images_ok": result.images_ok,
               "images_failed": result.images_failed, "images_retryable": result.images_retryable}
@@ -344,7 +349,7 @@ def _commit(folder: RunFolder, config: RunConfig, artifact: ModelArtifact, model
         "source": config.source, "split": config.split, "model": spec.name, "pca_k": model.k,
         **counts, "hidden_files_skipped": result.hidden_files_skipped, "shards": result.shards_total, "shards_resumed": result.shards_resumed,
         "generations": generations,
-        "outputs": folder.outputs(), "documents": folder.documents(config.features_csv),
+        "outputs": folder.outputs_of(stats, listing_errors), "documents": folder.documents(csv_copies),
         "python": sys.version.split()[0],
     }
     folder.commit(manifest, model_info, yaml.safe_dump(config.to_public_dict(), sort_keys=True))

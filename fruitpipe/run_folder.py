@@ -20,7 +20,12 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
                                   indices, next shard id and the generations (written at claim)
     model/                        pca_model.npz + pca_model.json; the model artifact (models.artifact's files)
     _fruitpipe_run.json           run marker: identity (fingerprint, listing digest, ...), state and lease
-    model_info/model_info.json, variance.csv, csv/*.csv, config.yaml, manifest.json (written last, withdrawn first)
+    csv/<table>/part-NNNNN.csv    CSV copies of pca, metadata and errors (features too when asked), vectors spread
+                                  into numbered columns: each shard's projection task writes its parts (pca and
+                                  features only for a shard with features), the driver errors/part-listing.csv
+    csv/<table>.csv               instead of csv/<table>/ for a run of at most config.CSV_SINGLE_FILE_MAX_IMAGES
+                                  images or one asked to (csv_merged): the parts streamed into one file, then removed
+    model_info/model_info.json, variance.csv, config.yaml, manifest.json (written last, withdrawn first)
     evaluation/evaluation.json, evaluation/test_run/, report/index.html (written later, by evaluate and report)
     index/<space>.faiss, <space>.json, <space>-rows.parquet   a nearest-neighbour index over the pca or features
                                   vectors, its description, and the image each of its ids stands for (`fruitpipe index`)
@@ -116,10 +121,14 @@ MODEL = "model"
 PCA_MODEL_NPZ = f"{MODEL}/pca_model.npz"
 PCA_MODEL_JSON = f"{MODEL}/pca_model.json"
 LISTING_ERRORS = f"{ERRORS}/part-listing.parquet"
-CSV_COPIES = {PCA: "csv/pca.csv", METADATA: "csv/metadata.csv", ERRORS: "csv/errors.csv",
-              FEATURES: "csv/features.csv"}
+CSV = "csv"
+CSV_COPIES = {name: f"{CSV}/{name}{sinks.CSV_SUFFIX}" for name in TABLES}
+LISTING_ERRORS_CSV = f"{CSV}/{ERRORS}/part-listing{sinks.CSV_SUFFIX}"
 # Vector tables spread into one CSV column per dimension: the column and the prefix of the numbered columns.
 _CSV_VECTORS = {PCA: ("pca", "pc"), FEATURES: ("features", "f")}
+# Each table's Parquet schema: its CSV header when it has no rows.
+_TABLE_SCHEMAS = {FEATURES: sinks.vectors_schema("features"), PCA: sinks.vectors_schema("pca"),
+                  METADATA: sinks.METADATA_SCHEMA, ERRORS: sinks.ERRORS_SCHEMA}
 EVALUATION_JSON = "evaluation/evaluation.json"
 EVALUATION_RUN = "evaluation/test_run"
 REPORT_HTML = "report/index.html"
@@ -144,6 +153,11 @@ MIN_HEARTBEAT_S = 0.1
 STALE_BEATS = 3
 # How long a claim waits before reading the marker back (at most a quarter of a heartbeat interval).
 CLAIM_SETTLE_S = 0.5
+
+
+def csv_tables(features_csv: bool) -> tuple[str, ...]:
+    """The tables a run writes CSV copies of: pca, metadata and errors, and features when asked."""
+    return (PCA, METADATA, ERRORS) + ((FEATURES,) if features_csv else ())
 
 
 def heartbeat_s() -> float:
@@ -409,19 +423,26 @@ class RunFolder:
             self._write_marker()
 
     def outputs(self) -> dict[str, dict[str, Any]]:
-        """Parts and rows of every table (from the Parquet footers), as the manifest lists them."""
-        listed = {}
+        """Parts and rows of every table as they are now, from the Parquet footers (one read per part): for a
+        finished folder listed again without its run's stats."""
+        rows = {}
         for name in TABLES:
             parts = [n for n in list_names(self._out, self._out.join(name)) if n.endswith(sinks.PARQUET_SUFFIX)]
-            rows = sum(sinks.parquet_rows(self._out, f"{name}/{part}") for part in parts)
-            listed[name] = {"format": "parquet", "parts": len(parts), "rows": rows}
-        return listed
+            rows[name] = [sinks.parquet_rows(self._out, f"{name}/{part}") for part in parts]
+        return _listed_tables(rows)
 
     @staticmethod
-    def documents(features_csv: bool) -> list[str]:
-        """The documents a run writes besides its tables, as the manifest lists them."""
-        csv_copies = [CSV_COPIES[name] for name in (PCA, METADATA, ERRORS)] + (
-            [CSV_COPIES[FEATURES]] if features_csv else [])
+    def outputs_of(stats: list[ShardStats], listing_errors: int) -> dict[str, dict[str, Any]]:
+        """Parts and rows of every table summed from the shards' stats (what `outputs` reads from the footers,
+        without reading them): a part per shard, a pca part per shard with features, the listing's errors part."""
+        return _listed_tables({FEATURES: [s.ok for s in stats], PCA: [s.ok for s in stats if s.ok],
+                               METADATA: [s.images for s in stats],
+                               ERRORS: [s.failed for s in stats] + [listing_errors]})
+
+    @staticmethod
+    def documents(csv_copies: list[str]) -> list[str]:
+        """The documents a run writes besides its tables, as the manifest lists them; `csv_copies` is what
+        `write_csv_copies` wrote."""
         return [VARIANCE_CSV, MODEL_INFO, CONFIG_YAML, PCA_MODEL_NPZ, PCA_MODEL_JSON, f"{MODEL}/{ARTIFACT_ONNX}",
                 f"{MODEL}/{ARTIFACT_JSON}", *csv_copies]
 
@@ -444,13 +465,31 @@ class RunFolder:
         write_bytes(self._out, self._out.join(PCA_MODEL_JSON), description.encode())
         sinks.write_csv(self._out, VARIANCE_CSV, variance)
 
-    def write_csv_copies(self, features_csv: bool) -> None:
-        """CSV copies of the tables (vectors spread into numbered columns); features only when asked."""
-        for name in (PCA, METADATA, ERRORS) + ((FEATURES,) if features_csv else ()):
-            table = self.table(name)
-            if name in _CSV_VECTORS:
-                table = sinks.expand_vectors(table, *_CSV_VECTORS[name])
-            sinks.write_csv(self._out, CSV_COPIES[name], table)
+    def clear_csv_copies(self) -> None:
+        """Delete every CSV copy, merged or in parts, before the shards write theirs again (a shard the run no
+        longer holds must leave no part behind)."""
+        remove_tree(self._out, self._out.join(CSV))
+
+    def write_csv_parts(self, shard_id: int, tables: Mapping[str, pa.Table]) -> None:
+        """One shard's CSV parts, one per table given (vectors spread into numbered columns)."""
+        for name, table in tables.items():
+            sinks.write_csv(self._out, _csv_part(name, shard_id), _csv_table(name, table))
+
+    def write_csv_copies(self, tables: tuple[str, ...], merge: bool) -> list[str]:
+        """After every shard wrote its CSV parts: the listing errors' part, then, with `merge`, each table's parts
+        streamed into csv/<table>.csv (rows in part order, the listing's errors last) and removed. Returns the CSV
+        copies as the manifest lists them: files, or the folders of parts."""
+        sinks.write_csv(self._out, LISTING_ERRORS_CSV, sinks.read_parquet(self._out, LISTING_ERRORS))
+        if not merge:
+            return [f"{CSV}/{name}/" for name in tables if exists(self._out, self._out.join(CSV, name))]
+        for name in tables:
+            folder = f"{CSV}/{name}"
+            parts = [f"{folder}/{part}" for part in list_names(self._out, self._out.join(folder))
+                     if part.endswith(sinks.CSV_SUFFIX)]
+            empty = _csv_table(name, _TABLE_SCHEMAS[name].empty_table())
+            sinks.write_merged_csv(self._out, CSV_COPIES[name], parts, empty)
+            remove_tree(self._out, self._out.join(folder))
+        return [CSV_COPIES[name] for name in tables]
 
     # -- shards: executors write them, the driver resumes and reads them ------------------------------------------
 
@@ -884,6 +923,20 @@ def load_run(run_dir: str) -> RunResult:
 
 def _part(name: str, shard_id: int) -> str:
     return f"{name}/part-{shard_id:05d}{sinks.PARQUET_SUFFIX}"
+
+
+def _csv_part(name: str, shard_id: int) -> str:
+    return f"{CSV}/{name}/part-{shard_id:05d}{sinks.CSV_SUFFIX}"
+
+
+def _csv_table(name: str, table: pa.Table) -> pa.Table:
+    """A table as its CSV copy holds it: a vector column spread into one numbered column per dimension."""
+    return sinks.expand_vectors(table, *_CSV_VECTORS[name]) if name in _CSV_VECTORS else table
+
+
+def _listed_tables(rows: Mapping[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """The manifest's entry of each table from the rows of each of its parts."""
+    return {name: {"format": "parquet", "parts": len(rows[name]), "rows": sum(rows[name])} for name in TABLES}
 
 
 def _index_path(space: str, suffix: str) -> str:

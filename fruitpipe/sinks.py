@@ -1,5 +1,5 @@
 """How fruitpipe's files are encoded: the tables' Arrow schemas, Parquet parts, CSV copies and JSON documents,
-each written whole through fruitpipe.storage.
+each written whole through fruitpipe.storage (a merged CSV copy streamed there from its parts, one part at a time).
 
 Where each file goes is the run folder's business (`fruitpipe.run_folder` names every path of the layout); this
 module only turns tables and documents into bytes and back, given a Location and a path relative to it.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fruitpipe.storage import Location, list_names, read_bytes, read_tail, write_bytes
+from fruitpipe.storage import Location, list_names, read_bytes, read_tail, write_bytes, write_chunks
 
 PARQUET_SUFFIX = ".parquet"
+CSV_SUFFIX = ".csv"
 PARQUET_MAGIC = b"PAR1"
 # Enough for the footer of any part fruitpipe writes (a few KB), so counting rows is one small read.
 _FOOTER_READ_BYTES = 64 * 1024
@@ -118,10 +120,28 @@ def read_json(out: Location, path: str) -> Any:
     return json.loads(read_bytes(out, out.join(path)))
 
 
-def write_csv(out: Location, path: str, table: pa.Table) -> None:
+def csv_bytes(table: pa.Table) -> bytes:
+    """The table as CSV: a header line, then one line per row."""
     buffer = io.BytesIO()
     pacsv.write_csv(table, buffer)
-    write_bytes(out, out.join(path), buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_csv(out: Location, path: str, table: pa.Table) -> None:
+    write_bytes(out, out.join(path), csv_bytes(table))
+
+
+def write_merged_csv(out: Location, path: str, parts: list[str], empty: pa.Table) -> None:
+    """One CSV file from CSV parts of one table (paths relative to `out`, in row order), streamed: one part in
+    memory at a time, the first part's header kept and every later part's dropped, so the file is byte for byte
+    the CSV of the parts' rows concatenated. `empty` (no rows) gives the header when there is no part."""
+    def chunks() -> Iterator[bytes | memoryview]:
+        if not parts:
+            yield csv_bytes(empty)
+        for number, part in enumerate(parts):
+            data = read_bytes(out, out.join(part))
+            yield data if number == 0 else memoryview(data)[data.index(b"\n") + 1:]
+    write_chunks(out, out.join(path), chunks)
 
 
 def expand_vectors(table: pa.Table, column: str, prefix: str) -> pa.Table:

@@ -5,7 +5,8 @@ process pool and the driver itself run the same task functions.
    (a Spark broadcast, a file for the pool), so a worker builds its runtime once however many shards it runs.
 2. gram: one task per group of feature shards merges their stored PCA sufficient statistics (one Gram matrix back
    per group, not per shard: each is D x D float64, 13 MB at D = 1280); the driver merges those.
-3. project: one task per feature shard writes its PCA shard.
+3. project: one task per shard writes its PCA part (a shard with features) and its CSV copies, so no table ever
+   passes through the driver whole.
 Features are materialised by stage 1, so the CNN runs once per image however many stages follow.
 
 Measured for stage 1 against the `mapInPandas` version it replaced (rows as a DataFrame streamed to the tasks as
@@ -27,7 +28,7 @@ from fruitpipe.distributors import Distributor
 from fruitpipe.extract import ExtractionSettings, process_shard
 from fruitpipe.pca import GramStatistics, PcaModel
 from fruitpipe.records import ImageRow, ShardStats
-from fruitpipe.run_folder import FEATURES, PCA, RunFolder
+from fruitpipe.run_folder import ERRORS, FEATURES, METADATA, PCA, RunFolder
 
 
 def run_extraction(distributor: Distributor, shards: dict[int, list[ImageRow]], settings: ExtractionSettings,
@@ -65,15 +66,22 @@ def _gram_of_shards(shard_ids: list[int], output: str) -> GramStatistics:
     return statistics
 
 
-def run_projection(distributor: Distributor, output: str, shard_ids: list[int], model: PcaModel) -> int:
-    """Stage 3: write the PCA part of every feature shard; returns the number of rows projected."""
+def run_projection(distributor: Distributor, output: str, shard_ids: list[int], model: PcaModel,
+                   csv_tables: tuple[str, ...]) -> int:
+    """Stage 3, one task per shard: the PCA part of a shard with features, then the shard's CSV parts of
+    `csv_tables` (pca and features only where it has features); returns the number of rows projected."""
     with distributor.shared(model) as pca_model:
-        return sum(distributor.map(partial(_project_shard, output=output, model=pca_model), shard_ids))
+        task = partial(_project_shard, output=output, model=pca_model, csv_tables=csv_tables)
+        return sum(distributor.map(task, shard_ids))
 
 
-def _project_shard(shard_id: int, output: str, model: Callable[[], PcaModel]) -> int:
+def _project_shard(shard_id: int, output: str, model: Callable[[], PcaModel], csv_tables: tuple[str, ...]) -> int:
     folder = RunFolder(output)
-    table = folder.part(FEATURES, shard_id)
-    projected = model().transform(sinks.vectors_matrix(table, "features"))
-    folder.write_part(PCA, shard_id, sinks.vectors_table(table, "pca", projected))
-    return table.num_rows
+    features = folder.part(FEATURES, shard_id)
+    tables = {METADATA: folder.part(METADATA, shard_id), ERRORS: folder.part(ERRORS, shard_id)}
+    if features.num_rows:
+        projected = model().transform(sinks.vectors_matrix(features, "features"))
+        tables |= {PCA: sinks.vectors_table(features, "pca", projected), FEATURES: features}
+        folder.write_part(PCA, shard_id, tables[PCA])
+    folder.write_csv_parts(shard_id, {name: table for name, table in tables.items() if name in csv_tables})
+    return features.num_rows

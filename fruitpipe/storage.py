@@ -2,7 +2,8 @@
 
 Filesystem objects are created where they are used (inside each Spark task), never pickled across a fork:
 s3fs is not fork-safe. Every object is written whole in one call (temp + rename on local disks, a single PUT
-on object stores), so a reader never sees half a file and an interrupted run leaves nothing torn.
+on object stores; a file streamed from chunks, `write_chunks`, as one multipart upload completed after its last
+chunk), so a reader never sees half a file and an interrupted run leaves nothing torn.
 
 Listings are never cached: executors write the run folder while the driver reads it, and s3fs's listing cache
 would let the driver's resume check and manifest miss what they wrote.
@@ -22,7 +23,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -234,12 +235,40 @@ def write_bytes(location: Location, path: str, data: bytes) -> None:
     if not location.is_local:
         with_retries(lambda: location.call("pipe_file", path, data, sends_bytes=len(data)), location.uri(path))
         return
+    _write_local(path, [data])
+
+
+def write_chunks(location: Location, path: str, chunks: Callable[[], Iterable[bytes | memoryview]]) -> None:
+    """Write the bytes `chunks()` yields to `path` whole, holding one chunk at a time (a file too big for memory):
+    temp file + atomic rename locally; on object stores a multipart upload completed only after the last chunk
+    (aborted on failure, so no torn object is left) and redone from a fresh `chunks()` on transient errors."""
+    if location.is_local:
+        _write_local(path, chunks())
+        return
+
+    def upload() -> None:
+        handle = location.fs.open(path, "wb", autocommit=False)
+        try:
+            for chunk in chunks():
+                handle.write(chunk)
+            handle.close()
+            handle.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the upload's own error says what went wrong
+                handle.discard()
+            handle.closed = True  # so that garbage collection does not close it, which would upload what it holds
+            raise
+    with_retries(upload, location.uri(path))
+
+
+def _write_local(path: str, chunks: Iterable[bytes | memoryview]) -> None:
     directory = os.path.dirname(path)
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         os.makedirs(directory, exist_ok=True)
         with open(temporary, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

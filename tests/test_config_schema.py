@@ -23,7 +23,7 @@ SAMPLES: dict[str, Any] = {
     "source": "s3://bucket/in", "output": "s3://bucket/out", "mode": "mini", "split": "Test",
     "classes": ("Apple*", "Banana"), "per_class": 7, "limit": 9, "model": "mobilenet_v2", "weights": "random",
     "image_size": 96, "precision": "int8", "runtime": "openvino", "model_file": "s3://bucket/model", "batch_size": 4,
-    "shard_size": 16, "threads_per_task": 2, "pca_k": 8, "pca_variance": 0.9, "features_csv": True,
+    "shard_size": 16, "threads_per_task": 2, "pca_k": 8, "pca_variance": 0.9, "features_csv": True, "csv_merged": True,
     "master": "local[2]", "spark_conf": {"spark.executor.memory": "2g"}, "engine": "local", "read_timeout_s": 12.5,
     "read_attempts": 5, "overwrite": True, "quiet": True, "cache_dir": "/tmp/fruitpipe-cache",
 }
