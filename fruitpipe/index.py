@@ -12,6 +12,7 @@ compared exactly as the run's images were.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -227,6 +228,9 @@ def vote(labels: Sequence[str]) -> tuple[str, float]:
 # -- similar: new photos against a run ------------------------------------------------------------------------------
 
 QUERY_COLUMNS = ["query", "query_folder", "rank", "path", "label", "distance", "vote_label", "vote_share"]
+# The selection of the query run: every staged query, whatever a config file selects for runs (mode, classes,
+# per_class, limit would otherwise drop queries silently).
+EVERY_QUERY = {"mode": "full", "classes": (), "per_class": None, "limit": None}
 
 
 def similar(run_dir: str, queries: Sequence[str], k: int, space: str,
@@ -236,7 +240,8 @@ def similar(run_dir: str, queries: Sequence[str], k: int, space: str,
 
     The queries are copied into a source in the run's scratch folder (one class folder per query folder name), where
     executors reach them as they reached the run, and extracted there by `pipeline.transform` with the config
-    `make_config(source, output)` gives; the scratch folder is deleted afterwards.
+    `make_config(source, output)` gives, its selection replaced by EVERY_QUERY; the scratch folder is deleted
+    afterwards.
     """
     import pandas as pd
 
@@ -250,7 +255,7 @@ def similar(run_dir: str, queries: Sequence[str], k: int, space: str,
     with folder.scratch() as work:
         source, output = f"{work}/queries", f"{work}/extracted"
         origin = _stage_queries(queries, source)
-        result = transform(run_dir, make_config(source, output))
+        result = transform(run_dir, dataclasses.replace(make_config(source, output), **EVERY_QUERY).validate())
         extracted = RunFolder.finished(result.output)
         failed = [(origin[row["path"]], row["reason"]) for row in extracted.table(ERRORS).to_pylist()]
         if result.images_ok == 0:

@@ -117,6 +117,20 @@ def test_cli_similar_prints_neighbours_and_json(indexed, demo_root, capsys, tmp_
     assert lines[1].split()[:3] == ["1", "0.0000", "Cherry"] and len(lines) == 3
 
 
+@pytest.mark.spark
+def test_similar_answers_every_query_whatever_the_config_file_selects(indexed, demo_root, capsys, tmp_path):
+    """A config file written for runs (a preset, classes, per-class and total caps) must not drop query images."""
+    config = tmp_path / "fruitpipe.yaml"
+    config.write_text("mode: apples\nclasses: [Apple*]\nper_class: 1\nlimit: 1\n")
+    images = [demo_root / "Training" / "Banana" / "0_100.jpg", demo_root / "Training" / "Banana" / "1_100.jpg",
+              demo_root / "Training" / "Cherry Wax Red" / "3_100.jpg"]
+    assert main(["--config", str(config), "similar", str(indexed), *map(str, images), "--k", "1", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["failed"] == []
+    found = {query["query"]: query["neighbours"][0]["path"] for query in document["queries"]}
+    assert found == {str(image): str(image.relative_to(demo_root)) for image in images}
+
+
 def _clustered(count: int, centres: np.ndarray, seed: int) -> np.ndarray:
     """Points around `centres` (synthetic clustered vectors, like classes of photos)."""
     rng = np.random.default_rng(seed)
