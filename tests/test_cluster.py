@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,19 +30,24 @@ def cluster_run(demo_root, cache_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     with SparkCluster(root / "spark", workers=2, cores=1, memory="1g") as cluster:
         output = root / "run"
-        # Wait for both executors before scheduling, so the shards spread over the two workers.
-        conf = {"spark.executor.memory": "512m", "spark.executor.cores": "1", "spark.cores.max": "2",
-                "spark.scheduler.minRegisteredResourcesRatio": "1.0",
-                "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s", "spark.driver.host": HOST}
-        arguments = ["run", str(demo_root), str(output), "--master", cluster.master_url, "--pca-k", "10",
-                     "--shard-size", "20", "--cache-dir", cache_dir]
-        for key, value in conf.items():
-            arguments += ["--spark-conf", f"{key}={value}"]
-        env = {**os.environ, "SPARK_LOCAL_IP": HOST}
-        done = subprocess.run([sys.executable, "-m", "fruitpipe.cli", *arguments], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, f"{done.stderr[-3000:]}\n{cluster.logs()[-3000:]}"
-        yield cluster, output, done
+        yield cluster, output, _run_on_cluster(cluster, demo_root, output, cache_dir)
+
+
+def _run_on_cluster(cluster: SparkCluster, source: Path, output: Path, cache_dir: str) -> subprocess.CompletedProcess:
+    """`fruitpipe run SOURCE OUTPUT` in its own process with the cluster as master and the shared run's settings."""
+    # Wait for both executors before scheduling, so the shards spread over the two workers.
+    conf = {"spark.executor.memory": "512m", "spark.executor.cores": "1", "spark.cores.max": "2",
+            "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+            "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s", "spark.driver.host": HOST}
+    arguments = ["run", str(source), str(output), "--master", cluster.master_url, "--pca-k", "10",
+                 "--shard-size", "20", "--cache-dir", cache_dir]
+    for key, value in conf.items():
+        arguments += ["--spark-conf", f"{key}={value}"]
+    env = {**os.environ, "SPARK_LOCAL_IP": HOST}
+    done = subprocess.run([sys.executable, "-m", "fruitpipe.cli", *arguments], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stderr[-3000:]}\n{cluster.logs()[-3000:]}"
+    return done
 
 
 def test_both_workers_executors_processed_shards(cluster_run):
@@ -104,3 +110,45 @@ def test_index_similar_and_duplicates_on_the_cluster_run(cluster_run, demo_root)
     fruitpipe("duplicates", str(output))
     summary = json.loads((output / "duplicates" / "summary.json").read_text())
     assert summary["groups"] == 0, summary
+
+
+def test_a_run_grows_on_the_cluster_and_equals_the_run_from_scratch(cluster_run, demo_root, cache_dir, tmp_path):
+    """The same command after photos were added extracts only them, on the cluster's executors, and ends with the
+    outputs of the cluster's run over the whole source (same rows, features within 1e-5, PCA up to sign). The first
+    run, which the cluster's own run already covers, takes the local engine: a cluster application costs more."""
+    cluster, whole, _ = cluster_run
+    source = tmp_path / "fruits"
+    shutil.copytree(demo_root, source)
+    parked = tmp_path / "parked"
+    parked.mkdir()
+    held = [sorted(folder.glob("*.jpg"))[3] for folder in sorted((source / "Training").iterdir())]
+    for image in held:
+        image.rename(parked / f"{image.parent.name}-{image.name}")
+    output = tmp_path / "run"
+    first = subprocess.run([sys.executable, "-m", "fruitpipe.cli", "run", str(source), str(output), "--engine", "local",
+                            "--pca-k", "10", "--shard-size", "20", "--cache-dir", cache_dir], capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stats_before = {path.name: path.read_bytes() for path in (output / "_shards").iterdir()}
+    for image in held:
+        (parked / f"{image.parent.name}-{image.name}").rename(image)
+    done = _run_on_cluster(cluster, source, output, cache_dir)
+
+    after = {path.name: path.read_bytes() for path in (output / "_shards").iterdir()}
+    assert {name: after[name] for name in stats_before} == stats_before, "an existing shard was rewritten"
+    new_stats = [json.loads(after[name]) for name in sorted(set(after) - set(stats_before))]
+    assert new_stats and sum(s["images"] for s in new_stats) == len(held)
+    assert "driver" not in {s["executor"]["executor_id"] for s in new_stats}, new_stats
+    generations = json.loads((output / "manifest.json").read_text())["generations"]
+    first_count = sum(json.loads(stats)["images"] for stats in stats_before.values())
+    assert [(g["images_added"], g["images_removed"], g["shards_added"]) for g in generations] \
+        == [(first_count, 0, len(stats_before)), (len(held), 0, len(new_stats))]
+    assert f"({len(after)} shards, {len(stats_before)} resumed)" in done.stdout
+
+    grown = pd.read_parquet(output / "features").set_index("image_id").sort_index()
+    scratch = pd.read_parquet(whole / "features").set_index("image_id").sort_index()
+    assert list(grown.index) == list(scratch.index)
+    keys = ["path", "label", "label_index", "split"]
+    assert (grown[keys] == scratch[keys]).all().all()
+    np.testing.assert_allclose(vectors(grown, "features"), vectors(scratch, "features"), atol=1e-5)
+    assert_pca_equal(pd.read_parquet(output / "pca"), pd.read_parquet(whole / "pca"), atol=1e-4)
