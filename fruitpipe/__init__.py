@@ -105,13 +105,16 @@ def write_report(run_dir: str) -> str:
     return build_report(run_dir)
 
 
-def build_index(run_dir: str, space: str = "pca", metric: str = "cosine", exact_below: int | None = None) -> dict:
+def build_index(run_dir: str, space: str = "pca", metric: str = "cosine", exact_below: int | None = None,
+                **options: Any) -> dict:
     """Build RUN_DIR/index/ over the run's PCA vectors (or space="features"), cosine or L2 (see fruitpipe.index);
-    returns the index's description (kind, count, recall@10 measured)."""
+    returns the index's description (kind, count, recall@10 measured). A large run's index is built in tasks
+    (options as for `transform`: master=, spark_conf=, engine=)."""
     from fruitpipe.index import EXACT_BELOW
     from fruitpipe.index import build_index as build
 
-    return build(run_dir, space, metric, EXACT_BELOW if exact_below is None else exact_below)
+    return build(run_dir, _task_config(run_dir, options), space, metric,
+                 EXACT_BELOW if exact_below is None else exact_below)
 
 
 def similar(run_dir: str, queries: str | Sequence[str], /, k: int = 10, space: str = "pca",
@@ -131,9 +134,17 @@ def similar(run_dir: str, queries: str | Sequence[str], /, k: int = 10, space: s
     return found
 
 
-def find_duplicates(run_dir: str, test_run: str | None = None, threshold: float | None = None) -> Duplicates:
+def find_duplicates(run_dir: str, test_run: str | None = None, threshold: float | None = None,
+                    **options: Any) -> Duplicates:
     """Near-duplicate groups of RUN_DIR's images and, with `test_run`, its test images leaked from training; written
-    to RUN_DIR/duplicates/ (see fruitpipe.duplicates) and returned."""
+    to RUN_DIR/duplicates/ (see fruitpipe.duplicates) and returned. A large run's images are fingerprinted in tasks
+    (options as for `transform`: master=, spark_conf=, engine=)."""
     from fruitpipe.duplicates import find_duplicates as find
 
-    return find(run_dir, test_run, threshold)
+    return find(run_dir, _task_config(run_dir, options), test_run, threshold)
+
+
+def _task_config(run_dir: str, options: dict[str, Any]) -> RunConfig:
+    """Where the tasks of a command about a finished run go (master, engine, Spark settings); source and output
+    name the run, which a config must have, though the command lists no source."""
+    return _config(None, {"quiet": True, **options, "source": run_dir, "output": run_dir})

@@ -80,6 +80,14 @@ def _add_spark_flags(parser: argparse.ArgumentParser) -> None:
                             "run of the same command, which retries it (default 3)")
 
 
+def _add_task_flags(parser: argparse.ArgumentParser, which: str) -> None:
+    """Where the tasks of a command about a finished run go: --master, --engine, --spark-conf."""
+    group = parser.add_argument_group("tasks", f"{which}; these say where")
+    group.add_argument("--master", help="Spark master URL (default local[*]); e.g. spark://host:7077, yarn")
+    group.add_argument("--engine", choices=ENGINES, help="spark, a local process pool, or auto (default)")
+    group.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="a Spark setting (repeatable)")
+
+
 def _add_space_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", choices=["pca", "features"], default="pca",
                         help="the run's PCA vectors (default) or its raw features")
@@ -207,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cosine distance on vectors centred on the training mean (default), or Euclidean")
     index.add_argument("--exact-below", type=_positive_int, metavar="N",
                        help="exact (flat) index below N vectors, approximate above (default 50000)")
+    _add_task_flags(index, "a large run's index is built in tasks (over 256 MB of vectors)")
     index.set_defaults(handler=_cmd_index)
 
     similar = commands.add_parser("similar", help="the run's training images nearest to new photos",
@@ -230,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "transform RUN_DIR SRC OUT --split Test`)")
     duplicates.add_argument("--threshold", type=float, metavar="T",
                             help="largest distance of near-duplicates (default 0.0012; see docs/similarity.md)")
+    _add_task_flags(duplicates, "a large run's images are fingerprinted in tasks (over 20,000 images)")
     duplicates.set_defaults(handler=_cmd_duplicates)
 
     from fruitpipe.cloud.cli import register as register_emr
@@ -322,11 +332,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
     import fruitpipe
     from fruitpipe.run_folder import INDEX
 
-    built = fruitpipe.build_index(args.run_dir, args.space, args.metric, args.exact_below)
+    built = fruitpipe.build_index(args.run_dir, args.space, args.metric, args.exact_below, **_task_options(args))
     print(f"wrote {args.run_dir.rstrip('/')}/{INDEX}/: {built['kind']} {built['metric']} index of {built['count']} "
           f"{built['space']} vectors ({built['dim']}-d), recall@10 {built['recall_at_10']:.3f} against exact, "
           f"{built['build_seconds']:.1f} s")
     return 0
+
+
+def _task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file's settings under the task flags, as keyword options."""
+    config = resolve_config(args.config, {**_flag_values(args), "source": args.run_dir, "output": args.run_dir})
+    return {"master": config.master, "engine": config.engine, "spark_conf": config.spark_conf}
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
@@ -362,7 +378,7 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
     import fruitpipe
     from fruitpipe.run_folder import DUPLICATES
 
-    summary = fruitpipe.find_duplicates(args.run_dir, args.test, args.threshold).summary
+    summary = fruitpipe.find_duplicates(args.run_dir, args.test, args.threshold, **_task_options(args)).summary
     print(f"{summary['groups']} near-duplicate groups holding {summary['images_in_groups']} of {summary['images']} "
           f"images (distance < {summary['threshold']:g}); {summary['cross_label_groups']} groups mix labels")
     if args.test:

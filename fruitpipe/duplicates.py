@@ -14,24 +14,31 @@ its nearest other member, and a group holding more than one label is a likely la
 summary holds the whole nearest-neighbour distance histogram, so a user sees where the data sits against the
 threshold, and the CNN's view beside it: the shares of images whose nearest training image is at least 0.99 and
 0.995 similar in the run's PCA space (consecutive frames sit there, copies or not). The images are read again from
-each run's source (its manifest names it).
+each run's source (its manifest names it): on the driver, or in tasks, a shard each, above TASKS_ABOVE_IMAGES.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFilter
 
+from fruitpipe.config import RunConfig
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import ImageDecodeError, decode_rgb
-from fruitpipe.index import COSINE, NeighbourIndex, RunVectors, build, run_vectors
+from fruitpipe.index import COSINE, NeighbourIndex, RunVectors, build, load_arrays, run_vectors, save_arrays
 from fruitpipe.run_folder import DUPLICATES, FEATURES, Duplicates, RunFolder
-from fruitpipe.storage import locate, read_bytes
+from fruitpipe.storage import Location, locate, read_bytes
+
+if TYPE_CHECKING:
+    from fruitpipe.distributors import Distributor
 
 FINGERPRINT_SIDE = 96
 BLUR_RADIUS = 1.0
@@ -50,6 +57,13 @@ PCA_SIMILARITIES = (0.99, 0.995)
 _HISTOGRAM_BELOW = 6
 _CROSS_LABEL_SHOWN = 20
 _READERS = 16
+# Above this many images (the run's and the test run's together) the fingerprints are computed in tasks, one per
+# shard (Spark for runs this large), each writing its shard's to the run's scratch folder; the driver only searches.
+# On the driver a 100 px photo (Fruits-360's size) costs 0.24 CPU ms (decode, grey, resize, blur; measured on demo
+# photos, loaded 2 cores), so 20,000 of them cost about what Spark's jobs cost to start (6-10 CPU seconds,
+# fruitpipe.distributors); larger photos cost more per image (decoding grows with the pixels), S3 adds a round
+# trip per image, and the driver holds only the fingerprints (9 KB an image) instead of reading every image.
+TASKS_ABOVE_IMAGES = 20_000
 
 GROUPS_SCHEMA = pa.schema([pa.field("group_id", pa.int32()), pa.field("image_id", pa.string()),
                            pa.field("path", pa.string()), pa.field("label", pa.string()),
@@ -93,39 +107,108 @@ def _thumbnails(fingerprints: np.ndarray) -> np.ndarray:
     return _unit(small.mean(axis=(2, 4)).reshape(len(fingerprints), -1))
 
 
+@dataclass(frozen=True)
 class _Images:
-    """A run's processed images (image_id, path, label) and their fingerprints, read from the run's source."""
+    """A run's processed images (image_id, path, label) and their fingerprints, in the order of its tables."""
 
-    def __init__(self, folder: RunFolder) -> None:
-        self.rows = folder.table(FEATURES, columns=["image_id", "path", "label"])
-        source = folder.manifest()["source"]
-        location = locate(source)
-
-        def load(path: str) -> np.ndarray:
-            try:
-                return fingerprint(read_bytes(location, location.join(path)))
-            except FileNotFoundError:
-                raise FruitpipeError(f"{source}/{path} is gone: near-duplicates are judged on the pixels, so the "
-                                     f"source of {folder.output} must still hold its images") from None
-            except ImageDecodeError as exc:
-                raise FruitpipeError(f"{source}/{path} no longer decodes ({exc}): the source changed since "
-                                     f"{folder.output} was made") from None
-
-        with ThreadPoolExecutor(max_workers=_READERS) as pool:
-            loaded = list(pool.map(load, self.rows.column("path").to_pylist()))
-        self.fingerprints = np.stack(loaded) if loaded else np.zeros((0, FINGERPRINT_SIDE, FINGERPRINT_SIDE),
-                                                                      dtype=np.uint8)
+    rows: pa.Table
+    fingerprints: np.ndarray
 
 
-def find_duplicates(run_dir: str, test_run: str | None = None, threshold: float | None = None) -> Duplicates:
+def _read_fingerprint(location: Location, source: str, output: str, path: str) -> np.ndarray:
+    """The fingerprint of one of a run's images, read again from its source; a one-line error when it is gone."""
+    try:
+        return fingerprint(read_bytes(location, location.join(path)))
+    except FileNotFoundError:
+        raise FruitpipeError(f"{source}/{path} is gone: near-duplicates are judged on the pixels, so the source of "
+                             f"{output} must still hold its images") from None
+    except ImageDecodeError as exc:
+        raise FruitpipeError(f"{source}/{path} no longer decodes ({exc}): the source changed since {output} was "
+                             "made") from None
+
+
+def _stacked(fingerprints: Sequence[np.ndarray]) -> np.ndarray:
+    if not fingerprints:
+        return np.zeros((0, FINGERPRINT_SIDE, FINGERPRINT_SIDE), dtype=np.uint8)
+    return np.stack(fingerprints)
+
+
+def _on_driver(folder: RunFolder) -> _Images:
+    """A run's fingerprints read here, _READERS images at a time."""
+    rows = folder.table(FEATURES, columns=["image_id", "path", "label"])
+    source = folder.manifest()["source"]
+    read = partial(_read_fingerprint, locate(source), source, folder.output)
+    with ThreadPoolExecutor(max_workers=_READERS) as pool:
+        return _Images(rows, _stacked(list(pool.map(read, rows.column("path").to_pylist()))))
+
+
+def _in_tasks(folder: RunFolder, distributor: Distributor, work: str) -> _Images:
+    """A run's fingerprints computed in tasks, a shard each, which write them to the scratch folder `work` (a
+    folder of its own per run)."""
+    rows = folder.table(FEATURES, columns=["image_id", "path", "label"])
+    shards = sorted(folder.finished_shards())
+    task = partial(_shard_fingerprints, output=folder.output, source=folder.manifest()["source"], work=work)
+    image_ids: list[str] = []
+    fingerprints: list[np.ndarray] = []
+    for shard_id, (shard_ids, error) in zip(shards, distributor.map(task, shards)):
+        if error is not None:
+            raise FruitpipeError(error)
+        if shard_ids:
+            image_ids.extend(shard_ids)
+            fingerprints.extend(load_arrays(work, _fingerprints_file(shard_id))["fingerprints"])
+    if image_ids != rows.column("image_id").to_pylist():
+        raise FruitpipeError(f"the features of {folder.output} changed while its images were fingerprinted; run "
+                             "`fruitpipe duplicates` again")
+    return _Images(rows, _stacked(fingerprints))
+
+
+def _shard_fingerprints(shard_id: int, output: str, source: str, work: str) -> tuple[list[str], str | None]:
+    """Task: fingerprint a shard's processed images and write them to `work`; returns their image ids, or the
+    one-line error that stopped it."""
+    folder = RunFolder(output)
+    if not folder.shard_stats(shard_id).ok:
+        return [], None
+    part = folder.part(FEATURES, shard_id).select(["image_id", "path"])
+    location = locate(source)
+    try:
+        fingerprints = [_read_fingerprint(location, source, output, path) for path in part.column("path").to_pylist()]
+    except FruitpipeError as exc:
+        return [], str(exc)
+    save_arrays(work, _fingerprints_file(shard_id), fingerprints=_stacked(fingerprints))
+    return part.column("image_id").to_pylist(), None
+
+
+def _fingerprints_file(shard_id: int) -> str:
+    return f"fingerprints-{shard_id:05d}.npz"
+
+
+def _fingerprinted(folders: Sequence[RunFolder], config: RunConfig, scratch: RunFolder,
+                   tasks_above_images: int) -> list[_Images]:
+    """The images and fingerprints of each run: on the driver, or in tasks where `config` runs them when the runs
+    hold more than `tasks_above_images` images."""
+    from fruitpipe.distributors import choose_engine, open_distributor
+
+    results = [folder.result() for folder in folders]
+    images = sum(result.images_ok for result in results)
+    if images <= tasks_above_images:
+        return [_on_driver(folder) for folder in folders]
+    shards = sum(result.shards_total for result in results)
+    with scratch.scratch() as work, open_distributor(choose_engine(config, images), config, shards) as distributor:
+        return [_in_tasks(folder, distributor, f"{work}/run-{number}") for number, folder in enumerate(folders)]
+
+
+def find_duplicates(run_dir: str, config: RunConfig, test_run: str | None = None, threshold: float | None = None,
+                    tasks_above_images: int = TASKS_ABOVE_IMAGES) -> Duplicates:
     """Find near-duplicate groups in RUN_DIR (and leaks from `test_run`), write RUN_DIR/duplicates/ and list it in
-    the manifest."""
+    the manifest. Above `tasks_above_images` images the fingerprints are computed in tasks where `config` (master,
+    engine, Spark settings) runs them."""
     limit = DEFAULT_THRESHOLD if threshold is None else threshold
     if not limit > 0:
         raise FruitpipeError(f"--threshold must be a positive distance, got {limit}")
     folder = RunFolder.finished(run_dir)
     test = RunFolder.finished(test_run) if test_run is not None else None
-    training = _Images(folder)
+    training, *tested = _fingerprinted([folder] + ([test] if test is not None else []), config, folder,
+                                       tasks_above_images)
     candidates = build(RunVectors(training.rows, _thumbnails(training.fingerprints)), "fingerprint", COSINE)
     groups, group_summary = _groups(training, candidates, limit)
     summary: dict[str, Any] = {
@@ -135,7 +218,7 @@ def find_duplicates(run_dir: str, test_run: str | None = None, threshold: float 
         "test_run": test_run, "pca_cosine_nearest": _pca_neighbours(folder, test)}
     leaks = None
     if test is not None:
-        leaks, leak_summary = _leaks(training, candidates, _Images(test), limit)
+        leaks, leak_summary = _leaks(training, candidates, tested[0], limit)
         summary.update(leak_summary)
     folder.withdraw_output(DUPLICATES)
     folder.write_duplicates(groups, leaks, summary)

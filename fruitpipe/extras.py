@@ -1,7 +1,7 @@
 """Optional dependencies: which extra installs each one, and the one-line error when one is missing.
 
-Executors and EMR nodes install only the base dependencies; torch, onnx, matplotlib, boto3, faiss and friends come
-with the `driver` extra. Code that imports one of them does it through `needs_extras`, so a user sees which
+Executors and EMR nodes install only the base dependencies; torch, onnx, matplotlib, boto3 and friends come with
+the `driver` extra. Code that imports one of them does it through `needs_extras`, so a user sees which
 feature needs what and how to get it, never a ModuleNotFoundError traceback.
 """
 
@@ -23,7 +23,6 @@ EXTRA_OF_MODULE = {
     "psutil": DRIVER,
     "boto3": DRIVER,
     "botocore": DRIVER,
-    "faiss": DRIVER,
 }
 
 

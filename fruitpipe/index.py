@@ -1,21 +1,27 @@
 """A nearest-neighbour index per run, and `similar`: the run's training images nearest to new photos.
 
-The index (faiss, the `driver` extra) holds a finished run's PCA vectors (`space="pca"`, default) or its raw
+The index (faiss) holds a finished run's PCA vectors (`space="pca"`, default) or its raw
 features (`space="features"`). Cosine distance (1 - cosine similarity, on vectors centred on the training mean: the
 PCA rows already are, raw features are centred with the PCA's mean, so it is `evaluate`'s metric) is the default;
 `metric="l2"` gives Euclidean distance. Below EXACT_BELOW vectors the index is exact (flat); above it an IVF index
 (trained on a sample of the vectors) whose nprobe is raised until recall@10 against exact search, measured on
 RECALL_QUERIES of the indexed vectors (each query's own id left out), reaches RECALL_GOAL; the recall found is
-stored with the index. A query goes through `pipeline.transform` (the run's own model and PCA), so a photo is
+stored with the index. The sample and the queries are the rows whose image ids hash smallest, so an index built in
+tasks (above TASKS_ABOVE_BYTES of vectors: each shard's vectors read, assigned to their lists and searched for the
+queries' exact neighbours in a task, the lists trained and the shards merged on the driver) is the index the driver
+builds from the same rows. A query goes through `pipeline.transform` (the run's own model and PCA), so a photo is
 compared exactly as the run's images were.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,9 +31,11 @@ from fruitpipe import sinks
 from fruitpipe.config import SPLITS, RunConfig
 from fruitpipe.dataset import IMAGE_SUFFIXES
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.extras import needs_extras
 from fruitpipe.run_folder import ERRORS, FEATURES, INDEX, PCA, RunFolder, StoredIndex
 from fruitpipe.storage import find_files, locate, read_bytes, write_bytes
+
+if TYPE_CHECKING:
+    from fruitpipe.distributors import Distributor
 
 if TYPE_CHECKING:
     import faiss
@@ -47,13 +55,20 @@ RECALL_GOAL = 0.97
 RECALL_QUERIES = 1_000
 # IVF lists: about sqrt(N), trained on at most this many vectors per list (faiss asks for 39 or more).
 TRAIN_PER_LIST = 64
+# Above this many bytes of vectors (count x dim x 4) `build_index` reads, prepares, assigns and searches them in
+# tasks (Spark, for a run this large), shard by shard, and the driver holds them once, in the merged index. Built on
+# the driver they are held about four times (the Arrow table, the prepared copy, the exact index, the IVF index), a
+# GB of driver memory at this size, and read and assigned on one core. 256 MB is 1.3 million PCA-50 vectors or
+# 52,000 raw 1280-d features (Fruits-360 FULL's 67,000 features are 343 MB; its PCA-50 vectors 13 MB).
+TASKS_ABOVE_BYTES = 256 * 2**20
 _SEED = 0
 _KEY_COLUMNS = ["image_id", "path", "label"]
 
 
 def _faiss() -> Any:
-    with needs_extras("a nearest-neighbour index"):
-        import faiss
+    """faiss (a base dependency: executors build a large run's index), imported where an index is used."""
+    import faiss
+
     return faiss
 
 
@@ -146,34 +161,60 @@ def build(vectors: RunVectors, space: str, metric: str = COSINE, centre: np.ndar
     if count < exact_below:
         index, tuning = flat, {"kind": FLAT, "recall_at_10": 1.0}
     else:
-        index, tuning = _ivf(faiss, data, flat, faiss_metric)
+        plan = _IvfPlan.of(vectors.rows)
+        index = _trained(faiss, data[plan.sample_ids], plan.lists, faiss_metric)
+        index.add(data)
+        queries = data[plan.query_ids]
+        tuning = plan.tuned(index, queries, flat.search(queries, RECALL_K + 1)[1])
     description.update(tuning, build_seconds=round(time.perf_counter() - started, 3))
     return NeighbourIndex(index, vectors.rows, description, centre)
 
 
-def _ivf(faiss: Any, data: np.ndarray, flat: Any, faiss_metric: int) -> tuple[Any, dict[str, Any]]:
-    """An IVF-flat index trained on a sample of `data`, with the smallest power-of-two nprobe whose measured
-    recall@10 against `flat` reaches RECALL_GOAL."""
-    count, dim = data.shape
-    lists = max(16, int(np.sqrt(count)))
-    rng = np.random.default_rng(_SEED)
-    sample = data[rng.choice(count, size=min(count, lists * TRAIN_PER_LIST), replace=False)]
+def sample_keys(image_ids: Sequence[str]) -> np.ndarray:
+    """A pseudo-random 64-bit key per image id. The IVF training sample and the recall queries are the rows with the
+    smallest keys, so the driver and tasks that each see only some rows choose the same ones."""
+    return np.array([int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "big")
+                     for image_id in image_ids], dtype=np.uint64)
+
+
+@dataclass(frozen=True)
+class _IvfPlan:
+    """An IVF index's lists (about sqrt(N)), its training sample (up to TRAIN_PER_LIST vectors per list) and its
+    recall queries (the first RECALL_QUERIES of the sample): row ids in the order of their sample keys."""
+
+    lists: int
+    sample_ids: np.ndarray
+    query_ids: np.ndarray
+
+    @classmethod
+    def of(cls, rows: pa.Table) -> _IvfPlan:
+        count = rows.num_rows
+        lists = max(16, int(np.sqrt(count)))
+        order = np.argsort(sample_keys(rows.column("image_id").to_pylist()), kind="stable")
+        return cls(lists, order[:min(count, lists * TRAIN_PER_LIST)], order[:min(count, RECALL_QUERIES)])
+
+    def tuned(self, index: Any, queries: np.ndarray, exact_ids: np.ndarray) -> dict[str, Any]:
+        """Set the smallest power-of-two nprobe whose recall@10 on the queries against their exact neighbours
+        (`exact_ids`, RECALL_K + 1 a query, its own id among them) reaches RECALL_GOAL; returns the description."""
+        exact = _without_self(exact_ids, self.query_ids)
+        nprobe, recall = 1, 0.0
+        while True:
+            index.nprobe = nprobe
+            recall = recall_at(_without_self(index.search(queries, RECALL_K + 1)[1], self.query_ids), exact)
+            if recall >= RECALL_GOAL or nprobe >= self.lists:
+                break
+            nprobe = min(self.lists, nprobe * 2)
+        return {"kind": IVF, "lists": self.lists, "nprobe": nprobe, "trained_on": int(self.sample_ids.size),
+                "recall_at_10": round(recall, 4), "recall_queries": int(self.query_ids.size)}
+
+
+def _trained(faiss: Any, sample: np.ndarray, lists: int, faiss_metric: int) -> Any:
+    """An empty IVF-flat index whose lists are trained (k-means, seeded) on `sample`."""
+    dim = sample.shape[1]
     index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, faiss_metric), dim, lists, faiss_metric)
     index.cp.seed = _SEED
     index.train(sample)
-    index.add(data)
-    query_ids = rng.choice(count, size=min(count, RECALL_QUERIES), replace=False)
-    exact = _without_self(flat.search(data[query_ids], RECALL_K + 1)[1], query_ids)
-    nprobe, recall = 1, 0.0
-    while True:
-        index.nprobe = nprobe
-        found = _without_self(index.search(data[query_ids], RECALL_K + 1)[1], query_ids)
-        recall = recall_at(found, exact)
-        if recall >= RECALL_GOAL or nprobe >= lists:
-            break
-        nprobe = min(lists, nprobe * 2)
-    return index, {"kind": IVF, "lists": lists, "nprobe": nprobe, "trained_on": int(sample.shape[0]),
-                   "recall_at_10": round(recall, 4), "recall_queries": int(query_ids.size)}
+    return index
 
 
 def _without_self(ids: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
@@ -187,20 +228,166 @@ def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
     return hits / max(1, exact.size)
 
 
-def build_index(run_dir: str, space: str = "pca", metric: str = COSINE,
-                exact_below: int = EXACT_BELOW) -> dict[str, Any]:
+def build_index(run_dir: str, config: RunConfig, space: str = "pca", metric: str = COSINE,
+                exact_below: int = EXACT_BELOW, tasks_above_bytes: int = TASKS_ABOVE_BYTES) -> dict[str, Any]:
     """Build the index of a finished run's `space` and save it under RUN_DIR/index/ (listed in the manifest);
-    returns its description."""
+    returns its description. Above `tasks_above_bytes` of vectors it is built in tasks where `config` (master,
+    engine, Spark settings) runs them."""
+    from fruitpipe.distributors import choose_engine, open_distributor
+
     _space(space)
     _check_metric(metric)
     folder = RunFolder.finished(run_dir)
     centre = space_centre(folder, space)
-    built = build(run_vectors(folder, space), space, metric, centre, exact_below)
+    result = folder.result()
+    dim = result.pca_k if space == "pca" else result.feature_dim
+    if result.images_ok * dim * 4 > tasks_above_bytes:
+        with open_distributor(choose_engine(config, result.images_ok), config, result.shards_total) as distributor:
+            built = build_in_tasks(folder, distributor, space, metric, centre, exact_below)
+    else:
+        built = build(run_vectors(folder, space), space, metric, centre, exact_below)
     faiss = _faiss()
     folder.withdraw_output(INDEX)
     folder.write_index(space, faiss.serialize_index(built.index).tobytes(), built.rows, built.description)
     folder.list_outputs()
     return built.description
+
+
+def build_in_tasks(folder: RunFolder, distributor: Distributor, space: str, metric: str = COSINE,
+                   centre: np.ndarray | None = None, exact_below: int = EXACT_BELOW) -> NeighbourIndex:
+    """`build`'s index over a finished run's vectors of `space` (the same training sample and recall queries), with
+    the vectors read, prepared, assigned to their lists and searched exactly in tasks, one per shard: the driver
+    reads only the rows' keys, trains the lists on the sample the tasks return and adds each shard's vectors from
+    the file its task wrote in the run's scratch folder, so it holds them once."""
+    _check_metric(metric)
+    faiss = _faiss()
+    started = time.perf_counter()
+    table, column = _space(space)
+    rows = folder.table(table, columns=_KEY_COLUMNS)
+    count = rows.num_rows
+    if count < 2:
+        raise FruitpipeError(f"an index needs at least 2 vectors; the run holds {count}")
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == COSINE else faiss.METRIC_L2
+    shards = sorted(folder.finished_shards())
+    reading = {"output": folder.output, "table": table, "column": column, "metric": metric, "centre": centre}
+    plan = _IvfPlan.of(rows) if count >= exact_below else None
+    trained, queries = None, None
+    if plan is not None:
+        sampled = distributor.map(partial(_sampled_rows, cutoff=_cutoff(rows, plan), **reading), shards)
+        by_row, offset = {}, 0
+        for shard_count, positions, vectors in sampled:
+            by_row.update(zip((offset + positions).tolist(), vectors))
+            offset += shard_count
+        sample = np.stack([by_row[row] for row in plan.sample_ids.tolist()])
+        trained = _trained(faiss, sample, plan.lists, faiss_metric)
+        queries = sample[:plan.query_ids.size]
+    index: Any = trained
+    exact = _ExactNeighbours(metric, len(queries)) if queries is not None else None
+    shipped = None if trained is None else faiss.serialize_index(trained)
+    with folder.scratch() as work, distributor.shared((shipped, queries)) as model:
+        task = partial(_added_rows, work=work, model=model, **reading)
+        image_ids, offset = [], 0
+        for shard_id, shard_ids in zip(shards, distributor.map(task, shards)):
+            arrays = load_arrays(work, _shard_file(shard_id))
+            vectors = np.ascontiguousarray(arrays["vectors"], dtype=np.float32)
+            if exact is None and len(vectors):
+                if index is None:
+                    index = faiss.IndexFlat(vectors.shape[1], faiss_metric)
+                index.add(vectors)
+            elif len(vectors):
+                ids = np.arange(offset, offset + len(vectors), dtype=np.int64)
+                lists = np.ascontiguousarray(arrays["lists"], dtype=np.int64)
+                index.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+                exact.merge(arrays["scores"], arrays["neighbours"] + offset)
+            image_ids.extend(shard_ids)
+            offset += len(shard_ids)
+    if image_ids != rows.column("image_id").to_pylist():
+        raise FruitpipeError(f"the {table} parts of {folder.output} changed while its index was built; build it again")
+    description: dict[str, Any] = {"space": space, "metric": metric, "count": count, "dim": index.d,
+                                   "faiss": faiss.__version__}
+    if exact is None:
+        description.update(kind=FLAT, recall_at_10=1.0)
+    else:
+        description.update(plan.tuned(index, queries, exact.ids))
+    description.update(built_in=distributor.engine, build_seconds=round(time.perf_counter() - started, 3))
+    return NeighbourIndex(index, rows, description, centre)
+
+
+def _cutoff(rows: pa.Table, plan: _IvfPlan) -> int:
+    """The largest sample key of the training sample: the tasks return the rows whose key is at most this."""
+    return int(sample_keys([rows.column("image_id")[int(plan.sample_ids[-1])].as_py()])[0])
+
+
+def _shard_vectors(shard_id: int, output: str, table: str, column: str, metric: str,
+                   centre: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    """A shard's image ids and prepared vectors (none for a shard without a processed image)."""
+    folder = RunFolder(output)
+    if not folder.shard_stats(shard_id).ok:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    part = folder.part(table, shard_id)
+    return part.column("image_id").to_pylist(), prepared(sinks.vectors_matrix(part, column), metric, centre)
+
+
+def _sampled_rows(shard_id: int, cutoff: int, **reading: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """Task: a shard's row count, and the positions and prepared vectors of its rows with sample keys up to
+    `cutoff`."""
+    image_ids, vectors = _shard_vectors(shard_id, **reading)
+    positions = np.flatnonzero(sample_keys(image_ids) <= cutoff)
+    return len(image_ids), positions, vectors[positions]
+
+
+def _added_rows(shard_id: int, work: str, model: Callable[[], tuple[Any, np.ndarray | None]],
+                **reading: Any) -> list[str]:
+    """Task: write a shard's prepared vectors to the scratch folder `work`, with (for IVF) the list of each and the
+    exact neighbours of the recall queries among them; returns its image ids."""
+    image_ids, vectors = _shard_vectors(shard_id, **reading)
+    shipped, queries = model()
+    arrays = {"vectors": vectors}
+    if shipped is not None and len(vectors):
+        faiss = _faiss()
+        trained = faiss.deserialize_index(shipped)  # owns the quantizer: kept while it is used
+        quantizer = faiss.downcast_index(trained.quantizer)
+        arrays["lists"] = quantizer.search(vectors, 1)[1][:, 0]
+        flat = faiss.IndexFlat(vectors.shape[1], quantizer.metric_type)
+        flat.add(vectors)
+        arrays["scores"], arrays["neighbours"] = flat.search(queries, min(RECALL_K + 1, len(vectors)))
+    save_arrays(work, _shard_file(shard_id), **arrays)
+    return image_ids
+
+
+def _shard_file(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}.npz"
+
+
+class _ExactNeighbours:
+    """The RECALL_K + 1 exact nearest rows of each recall query, merged shard by shard (ties to the lower id, as a
+    flat search over every row would order them)."""
+
+    def __init__(self, metric: str, queries: int) -> None:
+        self.descending = metric == COSINE
+        self.scores = np.zeros((queries, 0), dtype=np.float32)
+        self.ids = np.zeros((queries, 0), dtype=np.int64)
+
+    def merge(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        scores, ids = np.hstack([self.scores, scores]), np.hstack([self.ids, ids])
+        order = np.lexsort((ids, -scores if self.descending else scores), axis=-1)[:, :RECALL_K + 1]
+        self.scores, self.ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def save_arrays(folder: str, name: str, **arrays: np.ndarray) -> None:
+    """Write named arrays as one .npz file `name` under `folder` (a local path or URI): how a task hands the driver
+    more than a task result should carry."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    location = locate(folder)
+    write_bytes(location, location.join(name), buffer.getvalue())
+
+
+def load_arrays(folder: str, name: str) -> dict[str, np.ndarray]:
+    """The arrays `save_arrays` wrote."""
+    location = locate(folder)
+    with np.load(io.BytesIO(read_bytes(location, location.join(name)))) as arrays:
+        return {key: arrays[key] for key in arrays.files}
 
 
 def open_index(folder: RunFolder, space: str = "pca") -> NeighbourIndex:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import fruitpipe
+from fruitpipe import duplicates
 from fruitpipe.cli import main
 from fruitpipe.config import build_config
 from fruitpipe.errors import FruitpipeError
@@ -138,6 +139,26 @@ def test_a_lost_source_is_one_line_and_unlisted_duplicates_are_not_read(planted,
     manifest["outputs"].pop("duplicates")
     (copied / "manifest.json").write_text(json.dumps(manifest))
     assert RunFolder.finished(str(copied)).duplicates() is None
+
+
+@pytest.mark.spark
+def test_fingerprints_computed_in_spark_tasks_find_what_the_driver_finds(planted, tmp_path):
+    """Above the threshold (lowered here) each shard's images are fingerprinted in a Spark task: the same groups,
+    leaks and summary as on the driver, and a lost image is the same one line."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(planted["run"], run_dir)
+    config = build_config({}, {"source": str(run_dir), "output": str(run_dir), "engine": "spark"})
+    on_driver = duplicates.find_duplicates(str(run_dir), config, str(planted["test"]))
+    in_tasks = duplicates.find_duplicates(str(run_dir), config, str(planted["test"]), tasks_above_images=0)
+    assert in_tasks.groups.num_rows == 13 and in_tasks.groups.equals(on_driver.groups)
+    assert in_tasks.leaks.num_rows == 1 and in_tasks.leaks.equals(on_driver.leaks)
+    assert in_tasks.summary == on_driver.summary
+    assert not (run_dir / "_scratch").exists() or not any((run_dir / "_scratch").iterdir())
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "source": str(tmp_path / "moved")}))
+    with pytest.raises(FruitpipeError, match=r"^\S+/moved/Training/\S.* is gone: near-duplicates are judged on the pixels"):
+        duplicates.find_duplicates(str(run_dir), config, tasks_above_images=0)
 
 
 @pytest.fixture(scope="module")

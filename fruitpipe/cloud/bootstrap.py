@@ -25,7 +25,7 @@ from .specs import NODE_LAUNCHER, NODE_ROOT
 
 # Dependencies EMR itself provides on every node.
 PROVIDED_BY_EMR = frozenset({"pyspark"})
-_IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml", "opencv-python-headless": "cv2"}
+_IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml", "opencv-python-headless": "cv2", "faiss-cpu": "faiss"}
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\.whl$")
 _WHEELHOUSE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\.tar$")
 WHEELHOUSE_NAME = "wheelhouse.tar"
