@@ -180,18 +180,22 @@ def sample_keys(image_ids: Sequence[str]) -> np.ndarray:
 @dataclass(frozen=True)
 class _IvfPlan:
     """An IVF index's lists (about sqrt(N)), its training sample (up to TRAIN_PER_LIST vectors per list) and its
-    recall queries (the first RECALL_QUERIES of the sample): row ids in the order of their sample keys."""
+    recall queries (the first RECALL_QUERIES of the sample): row ids in the order of their sample keys; `cutoff` is
+    the largest sample key in the sample."""
 
     lists: int
     sample_ids: np.ndarray
     query_ids: np.ndarray
+    cutoff: int
 
     @classmethod
     def of(cls, rows: pa.Table) -> _IvfPlan:
         count = rows.num_rows
         lists = max(16, int(np.sqrt(count)))
-        order = np.argsort(sample_keys(rows.column("image_id").to_pylist()), kind="stable")
-        return cls(lists, order[:min(count, lists * TRAIN_PER_LIST)], order[:min(count, RECALL_QUERIES)])
+        keys = sample_keys(rows.column("image_id").to_pylist())
+        order = np.argsort(keys, kind="stable")
+        sample_ids = order[:min(count, lists * TRAIN_PER_LIST)]
+        return cls(lists, sample_ids, order[:min(count, RECALL_QUERIES)], int(keys[sample_ids[-1]]))
 
     def tuned(self, index: Any, queries: np.ndarray, exact_ids: np.ndarray) -> dict[str, Any]:
         """Set the smallest power-of-two nprobe whose recall@10 on the queries against their exact neighbours
@@ -273,7 +277,7 @@ def build_in_tasks(folder: RunFolder, distributor: Distributor, space: str, metr
     plan = _IvfPlan.of(rows) if count >= exact_below else None
     trained, queries = None, None
     if plan is not None:
-        sampled = distributor.map(partial(_sampled_rows, cutoff=_cutoff(rows, plan), **reading), shards)
+        sampled = distributor.map(partial(_sampled_rows, cutoff=plan.cutoff, **reading), shards)
         by_row, offset = {}, 0
         for shard_count, positions, vectors in sampled:
             by_row.update(zip((offset + positions).tolist(), vectors))
@@ -311,11 +315,6 @@ def build_in_tasks(folder: RunFolder, distributor: Distributor, space: str, metr
         description.update(plan.tuned(index, queries, exact.ids))
     description.update(built_in=distributor.engine, build_seconds=round(time.perf_counter() - started, 3))
     return NeighbourIndex(index, rows, description, centre)
-
-
-def _cutoff(rows: pa.Table, plan: _IvfPlan) -> int:
-    """The largest sample key of the training sample: the tasks return the rows whose key is at most this."""
-    return int(sample_keys([rows.column("image_id")[int(plan.sample_ids[-1])].as_py()])[0])
 
 
 def _shard_vectors(shard_id: int, output: str, table: str, column: str, metric: str,
