@@ -49,7 +49,7 @@ LOCAL_MAX_IMAGES = 10_000
 DRIVER_PCA_MAX_IMAGES = 10_000
 # What the local pool's server imports once, before it forks the workers: the tasks' code, pyspark (extract asks
 # it for the task attempt) and pandas (pyarrow imports it at a worker's first Table.from_pylist: 0.22-0.25 CPU s).
-_PRELOADED = ("fruitpipe.stages", "pyspark", "pandas")
+_PRELOADED = ("fruitpipe.stages", "fruitpipe.planning", "pyspark", "pandas")
 # How often a pool worker checks that the driver still runs, where no pidfd can wait for it (not Linux).
 DRIVER_POLL_S = 1.0
 
@@ -91,6 +91,13 @@ def choose_engine(config: RunConfig, listed_images: int) -> str:
         return engine
     small = listed_images <= LOCAL_MAX_IMAGES
     return LOCAL_ENGINE if local_master and small and not config.spark_conf else SPARK_ENGINE
+
+
+def engine_before_listing(config: RunConfig) -> str | None:
+    """The run's engine when its size cannot change it (configured, or a cluster), else None: then the listing,
+    which tells the size, runs in the local pool (the master is local) and auto chooses after it."""
+    small, large = choose_engine(config, 0), choose_engine(config, LOCAL_MAX_IMAGES + 1)
+    return small if small == large else None
 
 
 def _master(config: RunConfig) -> str | None:

@@ -6,7 +6,7 @@ Reads and decodes run in a few daemon threads ahead of inference (PIL and the ne
 so memory stays flat; one that hangs past the read timeout is abandoned (`prefetch`) and loaded again later. Every
 image ends as a features row or an error row with its stage (retryable when it timed out); the shard's outputs are
 written whole, and its stats file, written last, marks it done.
-On resume a shard counts as done only when its stats file and its parts agree (`RunFolder.completed_shards`).
+On resume a shard counts as done only when its stats file, its parts and its planned images agree (`RunFolder.resume_shard`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,26 @@
 """The only orchestrator: list -> plan shards -> extract -> PCA fit -> project -> outputs + manifest; the stages' tasks
 run on the run's engine (fruitpipe.distributors: Spark, or a local process pool for a small run).
 
-A run folder is resumable: shards whose stats file exists are done and skipped; a run folder made with a
-different configuration is refused rather than mixed; `overwrite` starts afresh. It also grows: the same command
-after photos were added to or removed from the source plans the new images into new shards (`plan_run`), rewrites
-the shards that lost images from their stored parts, refits the PCA from every shard's stored statistics and
-re-projects; the selection (--limit, --per-class, --mode mini) is the one the command computes on the grown source.
+The driver lists only the source's top levels and holds per-shard records: class folders are listed, the selection
+taken and the shard plan written by tasks (fruitpipe.planning), and each shard task reads its own rows. So the
+driver's memory does not grow with the number of images.
+
+A run folder is resumable: shards whose stats file exists and agrees with their plan are done and skipped; a run
+folder made with a different configuration is refused rather than mixed; `overwrite` starts afresh. It also grows:
+the same command after photos were added to or removed from the source plans the new images into new shards,
+rewrites the shards that lost images from their stored parts, refits the PCA from every shard's stored statistics
+and re-projects; the selection (--limit, --per-class, --mode mini) is the one the command computes on the grown
+source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import fnmatch
 import platform
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,15 +28,9 @@ import pyarrow as pa
 import yaml
 
 from fruitpipe import runtimes, sinks, stages
-from fruitpipe.config import RunConfig, auto_shard_size
-from fruitpipe.dataset import (
-    ImageRecord,
-    UnlistedFile,
-    label_indices,
-    list_split,
-    select,
-)
-from fruitpipe.distributors import choose_engine, for_pca, open_distributor
+from fruitpipe.config import LOCAL_ENGINE, SPARK_ENGINE, RunConfig
+from fruitpipe.dataset import UnlistedFile, selected_parts, source_layout
+from fruitpipe.distributors import choose_engine, engine_before_listing, for_pca, open_distributor
 from fruitpipe.distributors import prepare as prepare_engine
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.extract import PHASES, ExtractionSettings
@@ -38,8 +38,9 @@ from fruitpipe.extras import MissingExtra
 from fruitpipe.images import RESIZE_METHOD
 from fruitpipe.models.artifact import ModelArtifact, build_artifact, load_artifact
 from fruitpipe.pca import PcaModel, fit, model_json, variance_rows
+from fruitpipe.planning import plan_run
 from fruitpipe.progress import ExtractionProgress
-from fruitpipe.records import ImageRow, ShardPlan, ShardStats
+from fruitpipe.records import ShardPlan, ShardStats
 from fruitpipe.run_folder import (
     ERRORS,
     PCA,
@@ -129,54 +130,66 @@ def _decided_by(artifact: ModelArtifact, config: RunConfig) -> RunConfig:
 def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca: PcaModel | None, started: float,
              seconds: dict[str, float], folder: RunFolder) -> RunResult:
     phase = time.perf_counter()
-    listing = list_split(config.source, config.split)
+    layout = source_layout(config.source, config.split)
     selection = config.selection()
-    images = select(listing.images, selection)
-    unlisted = [file for file in listing.other_files if _in_selection(file, selection)]
-    seconds["list"] = time.perf_counter() - phase
-    engine = choose_engine(config, len(images))
-    stored = None if config.overwrite else folder.stored_plan()
-    spread_new_images = config.shard_size is None
-    if config.shard_size is None:
-        # A stored plan keeps the shard size its first run chose, so growing does not change the fingerprint.
-        size = stored.shard_size if stored is not None else auto_shard_size(len(images))
-        config = dataclasses.replace(config, shard_size=size)
-
+    selected_parts(layout, selection)  # a selection that matches no class is refused before OUT is touched
+    seconds["list_top"] = time.perf_counter() - phase
     if fixed_pca is None and config.pca_variance is None:
-        _check_k(config.pca_k, artifact.spec.feature_dim, len(images))
+        _check_k(config.pca_k, artifact.spec.feature_dim)
     phase = time.perf_counter()
     runtime = runtimes.choose(onnx, config.threads_per_task, config.precision, config.runtime, config.batch_size)
     seconds["choose_runtime"] = time.perf_counter() - phase
-    fingerprint = config.fingerprint(artifact.weights_sha256, artifact.input_size, artifact.onnx_sha256,
-                                     runtime.runtime, RESIZE_METHOD)
-    plan = plan_run(images, config.shard_size, stored, spread_new_images)
-    shards = plan.shards
-    identity = {"fingerprint": fingerprint, "model": config.model, "source": config.source, "fruitpipe": __version__,
-                "images": len(images), "listing_sha256": plan.digest()}
-    grows_from = stored.digest() if stored is not None else None
-    folder.check(identity, config.overwrite, grows_from)
+    stored = None if config.overwrite else folder.stored_plan()
+    # A folder's run keeps the shard size it planned with, so the same command resumes it; a new run's comes from
+    # its plan (auto's, for the selection's size).
+    shard_size = config.shard_size or (None if config.overwrite else folder.stored_shard_size())
 
-    settings = ExtractionSettings(source=config.source, output=config.output,
-                                  preprocessing=artifact.preprocessing(), model_key=artifact.onnx_sha256, batch_size=config.batch_size,
-                                  threads=config.threads_per_task, read_timeout_s=config.read_timeout_s,
-                                  read_attempts=config.read_attempts, precision=config.precision,
-                                  runtime=runtime.runtime)
-    with unavailable_reported(), open_distributor(engine, config, len(shards)) as distributor:
-        folder.claim(identity, replacing=config.overwrite, grows_from=grows_from)
-        if plan is not stored:
-            folder.write_plan(plan)
-        if stored is not None:
-            _drop_removed(folder, stored, plan)
+    def identity(size: int | None) -> dict[str, Any]:
+        sized = dataclasses.replace(config, shard_size=size)
+        fingerprint = {"fingerprint": sized.fingerprint(artifact.weights_sha256, artifact.input_size,
+                                                        artifact.onnx_sha256, runtime.runtime, RESIZE_METHOD)}
+        return {**(fingerprint if size else {}), "model": config.model, "source": config.source,
+                "fruitpipe": __version__}
+
+    folder.check(identity(shard_size), config.overwrite)
+    engine = engine_before_listing(config)
+    with unavailable_reported(), contextlib.ExitStack() as running:
+        # Spark when the size cannot change the engine; else the local pool plans, and stays if auto keeps it.
+        distributor = running.enter_context(open_distributor(engine, config, 0)) if engine == SPARK_ENGINE else None
+        pool = running.enter_context(contextlib.ExitStack())
+        planner = distributor or pool.enter_context(open_distributor(LOCAL_ENGINE, config, len(layout.parts)))
+        folder.claim(identity(shard_size), replacing=config.overwrite)
+        planned = plan_run(planner, folder, layout, selection, shard_size, stored,
+                           spread_new_images=config.shard_size is None)
+        plan = planned.plan
+        seconds.update(list=seconds.pop("list_top") + planned.seconds["list"], plan=planned.seconds["plan"])
+        config = dataclasses.replace(config, shard_size=plan.shard_size)
+        fingerprint = identity(plan.shard_size)["fingerprint"]
+        folder.record({**identity(plan.shard_size), "images": planned.images, "listing_sha256": plan.digest})
+        if fixed_pca is None and config.pca_variance is None:
+            _check_k(config.pca_k, artifact.spec.feature_dim, planned.images)
+        if distributor is None and choose_engine(config, planned.images) == LOCAL_ENGINE:
+            distributor = planner
+        elif distributor is None:
+            pool.close()
+            distributor = running.enter_context(open_distributor(SPARK_ENGINE, config, len(plan.shards)))
+        _remove_unplanned(folder, plan, stored)
         folder.write_artifact(artifact, onnx)
-        folder.write_listing_errors(_listing_errors(unlisted))
-        done = folder.completed_shards(shards)
-        pending = {shard_id: rows for shard_id, rows in shards.items() if shard_id not in done}
+        folder.write_listing_errors(_listing_errors(planned.unlisted))
+        settings = ExtractionSettings(source=config.source, output=config.output,
+                                      preprocessing=artifact.preprocessing(), model_key=artifact.onnx_sha256,
+                                      batch_size=config.batch_size, threads=config.threads_per_task,
+                                      read_timeout_s=config.read_timeout_s, read_attempts=config.read_attempts,
+                                      precision=config.precision, runtime=runtime.runtime)
         phase = time.perf_counter()
-        with ExtractionProgress(config.output, {i: len(rows) for i, rows in shards.items()}, done, config.quiet):
-            stages.run_extraction(distributor, pending, settings, onnx)
+        done = stages.run_resume(distributor, config.output, plan, sorted(folder.finished_shards() & set(plan.shards)))
+        pending = sorted(set(plan.shards) - set(done))
+        with ExtractionProgress(config.output, {i: shard.images for i, shard in plan.shards.items()}, set(done),
+                                config.quiet):
+            extracted = stages.run_extraction(distributor, plan, pending, settings, onnx)
         seconds["extract"] = time.perf_counter() - phase
 
-        stats = [folder.shard_stats(shard_id) for shard_id in sorted(shards)]
+        stats = sorted([*done.values(), *extracted], key=lambda shard: shard.shard_id)
         images_ok = sum(s.ok for s in stats)
         ok_shards = [s.shard_id for s in stats if s.ok > 0]
         pca_distributor = for_pca(distributor, images_ok)
@@ -185,7 +198,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
             model = fixed_pca
         else:
             if images_ok < 2:
-                raise FruitpipeError(f"only {images_ok} of {len(images)} images could be processed; "
+                raise FruitpipeError(f"only {images_ok} of {planned.images} images could be processed; "
                                      f"see {folder.uri(ERRORS)}")
             statistics = stages.run_gram(pca_distributor, config.output, ok_shards)
             model = fit(statistics, k=None if config.pca_variance else config.pca_k, variance=config.pca_variance)
@@ -194,14 +207,15 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
         phase = time.perf_counter()
         folder.clear(PCA)
         folder.clear_csv_copies()
-        stages.run_projection(pca_distributor, config.output, sorted(shards), model, csv_tables(config.features_csv))
+        stages.run_projection(pca_distributor, config.output, sorted(plan.shards), model,
+                              csv_tables(config.features_csv))
         seconds["pca_transform"] = time.perf_counter() - phase
         engine_info = {**distributor.info(), "pca_stages": pca_distributor.engine}
 
     phase = time.perf_counter()
     retryable = sum(s.retryable for s in stats)
-    counts = {"images_listed": len(images) + len(unlisted), "images_ok": images_ok,
-              "images_failed": sum(s.failed for s in stats) - retryable + len(unlisted),
+    counts = {"images_listed": planned.images + len(planned.unlisted), "images_ok": images_ok,
+              "images_failed": sum(s.failed for s in stats) - retryable + len(planned.unlisted),
               "images_retryable": retryable}
     _write_pca_model(folder, model, artifact)
     csv_copies = folder.write_csv_copies(csv_tables(config.features_csv),
@@ -209,97 +223,30 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     seconds["write_outputs"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - started
     executors = sorted({str(s.executor["executor_id"]) for s in stats})
-    result = RunResult(output=config.output, shards_total=len(shards), shards_resumed=len(done),
+    result = RunResult(output=config.output, shards_total=len(plan.shards), shards_resumed=len(done),
                        pca_k=model.k, variance_kept=model.variance_kept, seconds=seconds,
                        model=artifact.name, feature_dim=int(model.mean.shape[0]), executors=executors,
-                       spark_master=engine_info.get("master", ""), hidden_files_skipped=listing.hidden_files, **counts)
+                       spark_master=engine_info.get("master", ""), hidden_files_skipped=planned.hidden_files,
+                       **counts)
     _commit(folder, config, artifact, model, result, stats, fingerprint, runtime, engine_info, plan.generations,
-            listing_errors=len(unlisted), csv_copies=csv_copies)
+            listing_errors=len(planned.unlisted), csv_copies=csv_copies)
     return result
 
 
-def _check_k(k: int | None, feature_dim: int, image_count: int) -> None:
+def _check_k(k: int | None, feature_dim: int, image_count: int | None = None) -> None:
     if k is not None and k > feature_dim:
         raise FruitpipeError(f"--pca-k {k} is larger than the feature dimension {feature_dim}")
-    if k is not None and k > image_count:
+    if k is not None and image_count is not None and k > image_count:
         raise FruitpipeError(f"--pca-k {k} is larger than the number of selected images ({image_count})")
 
 
-def _in_selection(unlisted: UnlistedFile, selection) -> bool:
-    """A file that cannot be an image counts as a failed image when no cap applies and its class is selected (one
-    in no class folder: when no class is chosen)."""
-    if selection.limit is not None or selection.per_class is not None:
-        return False
-    return not selection.classes or any(fnmatch.fnmatchcase(unlisted.label, glob)
-                                        for glob in selection.classes if unlisted.label)
-
-
-def plan_shards(images: list[ImageRecord], shard_size: int, labels: dict[str, int] | None = None,
-                first_shard_id: int = 0) -> dict[int, list[ImageRow]]:
-    """Deterministic shards of `shard_size` images in the selection's order, numbered from `first_shard_id`: the
-    unit of work, output and resume. `labels` maps class -> label_index (default: sorted order of `images`)."""
-    indices = label_indices(images) if labels is None else labels
-    return {first_shard_id + number: [
-        ImageRow(image_id=r.image_id, path=r.path, label=r.label, label_index=indices[r.label], split=r.split,
-                 bytes=r.bytes, shard_id=first_shard_id + number, version=r.version)
-        for r in images[start:start + shard_size]]
-        for number, start in enumerate(range(0, len(images), shard_size))}
-
-
-def plan_run(images: list[ImageRecord], shard_size: int, stored: ShardPlan | None,
-             spread_new_images: bool = False) -> ShardPlan:
-    """The run's shard plan: a fresh one (generation 0), the stored one when the selection is unchanged (a resume),
-    or the stored one grown by a generation: images no longer selected (removed, or changed in place) leave their
-    shards, new ones fill new shards numbered after every earlier one; no existing shard gains an image. With
-    `spread_new_images` (the shard size is auto's) the new images spread over as many shards as a fresh run of
-    them would (`auto_shard_size`), so a small growth still keeps every core busy.
-
-    label_index is per run: kept for every class once given; a new class takes the next free index.
-    """
-    if stored is None:
-        labels = label_indices(images)
-        shards = plan_shards(images, shard_size, labels)
-        return ShardPlan(shards=shards, shard_generation=dict.fromkeys(shards, 0), labels=labels,
-                         shard_size=shard_size, generations=[_generation(0, len(images), 0, len(shards), 0)],
-                         next_shard_id=len(shards))
-    wanted = {(image.image_id, image.bytes, image.version) for image in images}
-    kept = {shard_id: [row for row in rows if (row.image_id, row.bytes, row.version) in wanted]
-            for shard_id, rows in stored.shards.items()}
-    removed = stored.images - sum(len(rows) for rows in kept.values())
-    kept_ids = {row.image_id for rows in kept.values() for row in rows}
-    added = [image for image in images if image.image_id not in kept_ids]
-    if not added and not removed:
-        return stored
-    labels = dict(stored.labels)
-    for label in sorted({image.label for image in added} - set(labels)):
-        labels[label] = max(labels.values(), default=-1) + 1
-    new_size = min(shard_size, auto_shard_size(len(added))) if spread_new_images else shard_size
-    new_shards = plan_shards(added, new_size, labels, stored.next_shard_id)
-    generation = stored.generation + 1
-    shrunk = sum(1 for shard_id, rows in kept.items() if len(rows) < len(stored.shards[shard_id]))
-    return ShardPlan(
-        shards={**{shard_id: rows for shard_id, rows in kept.items() if rows}, **new_shards},
-        shard_generation={**stored.shard_generation, **dict.fromkeys(new_shards, generation)},
-        labels=labels, shard_size=shard_size,
-        generations=[*stored.generations, _generation(generation, len(added), removed, len(new_shards), shrunk)],
-        next_shard_id=stored.next_shard_id + len(new_shards))
-
-
-def _generation(generation: int, added: int, removed: int, shards_added: int, shards_shrunk: int) -> dict:
-    """One line of the run's history, as plan.json and the manifest list it."""
-    return {"generation": generation, "created_unix": time.time(), "images_added": added,
-            "images_removed": removed, "shards_added": shards_added, "shards_shrunk": shards_shrunk}
-
-
-def _drop_removed(folder: RunFolder, stored: ShardPlan, plan: ShardPlan) -> None:
-    """Take the images `plan` no longer holds out of the stored shards: a shard left empty is deleted, a whole one
-    rewritten from its own parts (no extraction); one that is not whole is redone by extraction anyway, as is one
-    a killed run left unrewritten (its stats no longer match the stored plan)."""
-    for shard_id, rows in stored.shards.items():
-        if shard_id not in plan.shards:
-            folder.remove_shard(shard_id)
-        elif len(plan.shards[shard_id]) < len(rows):
-            folder.drop_images(shard_id, rows, plan.shards[shard_id])
+def _remove_unplanned(folder: RunFolder, plan: ShardPlan, stored: ShardPlan | None) -> None:
+    """Delete the shards the plan does not hold: all of whose images left the source, and those of a folder
+    planned afresh (an older plan format) beyond the new plan. Shards that lost some images are rewritten by
+    their resume tasks (`RunFolder.resume_shard`)."""
+    earlier = folder.finished_shards() | (set(stored.shards) if stored is not None else set())
+    for shard_id in sorted(earlier - set(plan.shards)):
+        folder.remove_shard(shard_id)
 
 
 def _listing_errors(unlisted: list[UnlistedFile]) -> pa.Table:

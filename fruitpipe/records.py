@@ -1,5 +1,5 @@
-"""The typed records that cross the Spark boundary: the image rows a shard task gets, the stats it gives back;
-and the run's shard plan, which the run folder stores so a later run can grow it.
+"""The typed records that cross the Spark boundary: the image rows a shard task reads, the stats it gives back;
+and what the driver keeps of the run's shard plan, which the run folder stores so a later run can resume or grow it.
 
 Both are plain dataclasses, picklable and small; `ShardStats` is also the shard's commit record on disk
 (`RunFolder.write_shard`), so its `to_dict` is the JSON document older run folders hold and `from_dict` reads
@@ -80,22 +80,45 @@ def records_digest(rows: Iterable[ImageRow]) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class PlannedShard:
+    """What the driver keeps of a planned shard: how many images, planned in which generation, and which plan
+    parts hold its rows (a shard's images are contiguous in path order, so they come from one part or a few)."""
+
+    images: int
+    generation: int
+    parts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PlanPart:
+    """One part of a stored plan: the images of one source folder (a class), in path order, each with its shard."""
+
+    number: int
+    path: str
+    label: str
+    images: int
+
+
 @dataclass
 class ShardPlan:
-    """Which image goes in which shard, as the run folder stores it (`RunFolder.write_plan`).
+    """Which image goes in which shard, as the run folder stores it (`RunFolder.write_plan`): the images in Parquet
+    parts (one per class folder, written by tasks, in `rows`), and on the driver only per-shard and per-part counts.
 
-    A run that grows keeps every existing shard and appends new ones: `generation` says in which run a shard was
-    planned, `labels` keeps each class's label_index for good (a new class gets the next free index), and
-    `generations` records each growth (when, images and shards added and removed). `next_shard_id` is never
+    A run that grows keeps every existing shard and appends new ones: `PlannedShard.generation` says in which run
+    a shard was planned, `labels` keeps each class's label_index for good (a new class gets the next free index),
+    and `generations` records each growth (when, images and shards added and removed). `next_shard_id` is never
     reused, so a shard id always names the same images.
     """
 
-    shards: dict[int, list[ImageRow]]
-    shard_generation: dict[int, int]
+    rows: str
+    parts: list[PlanPart]
+    shards: dict[int, PlannedShard]
     labels: dict[str, int]
     shard_size: int
     generations: list[dict[str, Any]]
     next_shard_id: int
+    digest: str
 
     @property
     def generation(self) -> int:
@@ -103,8 +126,25 @@ class ShardPlan:
 
     @property
     def images(self) -> int:
-        return sum(len(rows) for rows in self.shards.values())
+        return sum(shard.images for shard in self.shards.values())
 
-    def digest(self) -> str:
-        """records_digest over every planned image in shard order: the run's listing identity."""
-        return records_digest(row for shard_id in sorted(self.shards) for row in self.shards[shard_id])
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "rows": self.rows, "shard_size": self.shard_size, "labels": self.labels,
+                "next_shard_id": self.next_shard_id, "generations": self.generations, "digest": self.digest,
+                "parts": [dataclasses.asdict(part) for part in self.parts],
+                "shards": {str(shard_id): [shard.images, shard.generation, list(shard.parts)]
+                           for shard_id, shard in sorted(self.shards.items())}}
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> ShardPlan:
+        return cls(rows=str(document["rows"]), parts=[PlanPart(**part) for part in document["parts"]],
+                   shards={int(shard_id): PlannedShard(int(images), int(generation), tuple(parts))
+                           for shard_id, (images, generation, parts) in document["shards"].items()},
+                   labels={str(k): int(v) for k, v in document["labels"].items()},
+                   shard_size=int(document["shard_size"]), generations=list(document["generations"]),
+                   next_shard_id=int(document["next_shard_id"]), digest=str(document["digest"]))
+
+
+# The stored plan's format; a plan.json without it (or older) is not read back: that folder is planned afresh and
+# its shards are kept where their images are unchanged (see fruitpipe.planning).
+PLAN_VERSION = 2

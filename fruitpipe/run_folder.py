@@ -1,7 +1,7 @@
 """The run folder's one owner: its layout, who may write it, and whether what it holds is a finished run.
 
 Shaped like Ray Data's Datasink contract. On the driver `RunFolder.claim` takes the folder (start),
-`completed_shards` says what a resume may skip, and `commit` writes the manifest last (complete); leaving the
+tasks ask `resume_shard` what a resume may skip, and `commit` writes the manifest last (complete); leaving the
 context without a commit (failed) releases the lease and leaves the folder marked in progress for the next run.
 On executors `write_shard` writes a shard's parts whole, then its stats file: the shard's commit record. Readers
 open a finished folder with `RunFolder.finished` and read typed things (`result`, `pca_model`, `artifact`,
@@ -15,9 +15,11 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
     _shards/part-NNNNN.json       per-shard stats (`records.ShardStats`); written last, it marks the shard done
     _gram/part-NNNNN.npz          the shard's PCA sufficient statistics (`pca.GramStatistics.to_bytes`), written
                                   before its stats file, so a refit never reads old features again
-    _plan/images.parquet          the shard plan (`records.ShardPlan`): image_id, path, label, label_index, split,
-                                  bytes, version, shard_id, generation; `_plan/plan.json`: shard size, label
-                                  indices, next shard id and the generations (written at claim)
+    _plan/rows-<id>/part-NNNNN.parquet   the shard plan (`records.ShardPlan`), one part per class folder, written
+                                  by tasks: image_id, path, label, label_index, split, bytes, version, shard_id,
+                                  generation; `_plan/plan.json` (written after its parts, it names them): shard
+                                  size, label indices, next shard id, the generations and per shard its image
+                                  count and parts. `_plan/listing-<id>/` holds the listing while the plan is made
     model/                        pca_model.npz + pca_model.json; the model artifact (models.artifact's files)
     _fruitpipe_run.json           run marker: identity (fingerprint, listing digest, ...), state and lease
     csv/<table>/part-NNNNN.csv    CSV copies of pca, metadata and errors (features too when asked), vectors spread
@@ -38,7 +40,7 @@ the files written, then `list_outputs` rewrites the manifest whole, listing what
 
 A run that grows (the same command after photos were added to or removed from the source) keeps its stored plan:
 new images go into new shards of a new generation, shards that lost images are rewritten from their own parts
-(`drop_images`), and the PCA is refitted from every shard's stored statistics. The manifest lists the generations.
+(`resume_shard`), and the PCA is refitted from every shard's stored statistics. The manifest lists the generations.
 
 The lifecycle: a run claims OUT before it changes anything in it (the run marker says `in_progress` and holds the
 run's lease), withdraws manifest.json, writes its outputs, then commits: manifest.json last, then the marker says
@@ -65,7 +67,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -82,7 +83,7 @@ from fruitpipe.models.artifact import (
     load_artifact,
     write_artifact,
 )
-from fruitpipe.records import ImageRow, ShardPlan, ShardStats, records_digest
+from fruitpipe.records import PLAN_VERSION, ImageRow, ShardPlan, ShardStats, records_digest
 from fruitpipe.storage import (
     Location,
     exists,
@@ -115,8 +116,9 @@ VARIANCE_CSV = "variance.csv"
 SHARD_STATS = "_shards"
 SHARD_GRAMS = "_gram"
 PLAN = "_plan"
-PLAN_IMAGES = f"{PLAN}/images.parquet"
 PLAN_JSON = f"{PLAN}/plan.json"
+_PLAN_ROWS = "rows-"
+_PLAN_LISTING = "listing-"
 MODEL = "model"
 PCA_MODEL_NPZ = f"{MODEL}/pca_model.npz"
 PCA_MODEL_JSON = f"{MODEL}/pca_model.json"
@@ -166,10 +168,10 @@ def heartbeat_s() -> float:
 
 
 def read_marker(out: Location) -> dict[str, Any] | None:
-    """The run marker of OUT, or None where there is none."""
+    """The run marker of OUT, or None where there is none (OUT's path going through a file included)."""
     try:
         return sinks.read_json(out, RUN_MARKER)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -269,7 +271,7 @@ class ShardTables:
 
 class RunFolder:
     """The run folder OUT: its lease and lifecycle (`check`, `claim`, `commit`), shard writes and resume
-    (`write_shard`, `completed_shards`), and typed readers of a finished run (open it with `finished`).
+    (`write_shard`, `resume_shard`), and typed readers of a finished run (open it with `finished`).
 
     Use as a context manager around a run: leaving it without a commit (an error, Ctrl-C) releases the lease and
     leaves the folder marked in progress, for the next run to finish. Executors build their own from the output
@@ -304,11 +306,11 @@ class RunFolder:
 
     # -- the driver's lifecycle ----------------------------------------------------------------------------------
 
-    def check(self, identity: Mapping[str, Any], overwrite: bool, grows_from: str | None = None) -> None:
+    def check(self, identity: Mapping[str, Any], overwrite: bool) -> None:
         """Before anything is written: refuse a folder holding something else, one another run holds, or (unless
-        `overwrite`) a run of another configuration or over another set of images (the source changed since),
-        rather than mix the two. `identity` holds fingerprint, model, source, images and listing_sha256;
-        `grows_from` is the listing_sha256 of the stored plan this run grows (None: it grows nothing)."""
+        `overwrite`) a run of another configuration, rather than mix the two. `identity` holds fingerprint, model
+        and source. A run over other images of the same source is not refused: it grows (fruitpipe.planning).
+        A folder whose run was claimed but never planned (no fingerprint recorded) holds nothing to keep."""
         try:
             if self._out.call("isfile", self._out.path):
                 raise FruitpipeError(f"output {self.output} is a file; choose a folder")
@@ -324,27 +326,23 @@ class RunFolder:
         lease = marker.get("lease")
         if lease and not _gone(lease):
             raise _held_by(self.output, lease)
-        if overwrite:
+        if overwrite or "fingerprint" not in marker:
             return
         if marker.get("fingerprint") != identity.get("fingerprint"):
             raise FruitpipeError(f"output {self.output} holds a run with another configuration "
                                  f"(model {marker.get('model')}, source {marker.get('source')}); "
                                  "use --overwrite to replace it or choose another output")
-        if marker.get("listing_sha256") not in (identity.get("listing_sha256"), grows_from):
-            unplanned = "" if grows_from else " and it stores no shard plan to grow (written by an older fruitpipe)"
-            raise FruitpipeError(f"output {self.output} holds a run over other images ({marker.get('images')} "
-                                 f"then, {identity.get('images')} now: the source changed){unplanned}; use "
-                                 "--overwrite to start afresh or choose another output")
 
-    def claim(self, identity: Mapping[str, Any], replacing: bool, grows_from: str | None = None) -> None:
+    def claim(self, identity: Mapping[str, Any], replacing: bool) -> None:
         """Check OUT again (another run may have written it since), take the lease, mark the folder in progress and
         withdraw its manifest, before anything else changes; then clear it when `replacing` a run, else delete the
         temp files of writers killed mid-write.
 
         `identity` goes into the marker, except when replacing: the old run's identity stays until the clear is
-        done, so an --overwrite cut short still refuses a plain re-run and can be redone.
+        done, so an --overwrite cut short still refuses a plain re-run and can be redone. A new run's identity is
+        completed by `record` once its plan is made.
         """
-        self.check(identity, replacing, grows_from)
+        self.check(identity, replacing)
         try:
             self._take_lease(identity, replacing)
             if replacing:
@@ -352,7 +350,7 @@ class RunFolder:
                     if name != RUN_MARKER:
                         with contextlib.suppress(FileNotFoundError):  # e.g. the heartbeat's temp marker, renamed
                             remove_tree(self._out, self._out.join(name))
-                self._record(identity)
+                self.record(identity)
             else:
                 self._remove_partial_writes()
         except OSError as exc:
@@ -385,8 +383,9 @@ class RunFolder:
         self._beats = threading.Thread(target=self._beat, args=(interval,), name="fruitpipe-lease", daemon=True)
         self._beats.start()
 
-    def _record(self, identity: Mapping[str, Any]) -> None:
-        """The marker's identity once the folder holds nothing of another run."""
+    def record(self, identity: Mapping[str, Any]) -> None:
+        """The marker's identity: once the folder holds nothing of another run, and again when the plan is made
+        (its image count and digest; a new run's fingerprint, whose shard size the plan decides)."""
         with self._lock:
             self._require_held()
             self._marker = {**identity, "state": IN_PROGRESS}
@@ -542,19 +541,59 @@ class RunFolder:
             write_bytes(self._out, path, gram.to_bytes())
             return gram
 
-    def drop_images(self, shard_id: int, rows: list[ImageRow], kept: list[ImageRow]) -> bool:
-        """Rewrite a done shard planned with `rows` to hold only `kept`, from its own parts (no extraction), with
-        its statistics recomputed; False (nothing changed) when the shard is not whole: extraction redoes it."""
-        if not self._shard_is_whole(shard_id, rows):
-            return False
-        stats = self.shard_stats(shard_id)
+    def remove_shard(self, shard_id: int) -> None:
+        """Delete everything of a shard the plan no longer holds (its images all left the source): stats first."""
+        for path in (_stats_path(shard_id), _gram_path(shard_id), *(_part(name, shard_id) for name in TABLES)):
+            remove_tree(self._out, self._out.join(path))
+
+    def resume_shard(self, shard_id: int, rows: list[ImageRow]) -> ShardStats | None:
+        """A task's resume check of one planned shard: its stats when it is done with exactly `rows`; a done shard
+        that held more images (some left the source) is rewritten from its own parts first, with no extraction.
+
+        Anything else is not done: a shard without stats; one whose parts are missing, torn or disagree with its
+        stats; one holding images to retry (a load timed out) or other images. Its stats file is deleted, so it is
+        redone and a run killed while redoing it cannot mistake it for done.
+        """
+        try:
+            stats = self.shard_stats(shard_id)
+        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+            return None
+        if self._parts_agree(stats) and not stats.retryable:
+            if stats.images == len(rows) and stats.images_sha256 == records_digest(rows):
+                return stats
+            if stats.images > len(rows):
+                kept = self._kept_from_parts(shard_id, stats, rows)
+                if kept is not None:
+                    return kept
         remove_tree(self._out, self._out.join(_stats_path(shard_id)))
+        return None
+
+    def _parts_agree(self, stats: ShardStats) -> bool:
+        """The shard's parts hold the rows its stats say (Parquet footers only)."""
+        expected = {FEATURES: stats.ok, METADATA: stats.images, ERRORS: stats.failed}
+        try:
+            return stats.ok + stats.failed == stats.images and all(
+                with_retries(lambda name=name: sinks.parquet_rows(self._out, _part(name, stats.shard_id))) == count
+                for name, count in expected.items())
+        except (OSError, ValueError):
+            return False
+
+    def _kept_from_parts(self, shard_id: int, stats: ShardStats, kept: list[ImageRow]) -> ShardStats | None:
+        """Rewrite a done shard to hold only `kept`, from its own parts, with its statistics recomputed; None when its
+        parts do not hold every kept image (then extraction redoes it). Kept images are unchanged by construction:
+        the plan keeps an image in its shard only with the same path, size and version."""
+        import pyarrow.compute as pc
+
         keep = pa.array([row.image_id for row in kept], pa.string())
-        tables = ShardTables(*(self._kept_rows(self.part(name, shard_id), keep) for name in (FEATURES, METADATA, ERRORS)))
-        self.write_shard(shard_id, tables, lambda: replace(
+        metadata = self.part(METADATA, shard_id)
+        if pc.sum(pc.is_in(metadata.column("image_id"), value_set=keep)).as_py() != len(kept):
+            return None
+        remove_tree(self._out, self._out.join(_stats_path(shard_id)))
+        tables = ShardTables(*(self._kept_rows(table, keep) for table in
+                               (self.part(FEATURES, shard_id), metadata, self.part(ERRORS, shard_id))))
+        return self.write_shard(shard_id, tables, lambda: replace(
             stats, images=len(kept), ok=tables.features.num_rows, failed=tables.errors.num_rows,
             images_sha256=records_digest(kept)))
-        return True
 
     @staticmethod
     def _kept_rows(table: pa.Table, keep: pa.Array) -> pa.Table:
@@ -562,66 +601,65 @@ class RunFolder:
 
         return table.filter(pc.is_in(table.column("image_id"), value_set=keep))
 
-    def remove_shard(self, shard_id: int) -> None:
-        """Delete everything of a shard the plan no longer holds (its images all left the source): stats first."""
-        for path in (_stats_path(shard_id), _gram_path(shard_id), *(_part(name, shard_id) for name in TABLES)):
-            remove_tree(self._out, self._out.join(path))
-
-    # -- the shard plan ------------------------------------------------------------------------------------------
+    # -- the shard plan: parts written by tasks, plan.json by the driver ------------------------------------------
 
     def stored_plan(self) -> ShardPlan | None:
-        """The shard plan the folder holds, or None (a new folder, or one written before plans were stored)."""
+        """The shard plan the folder holds, or None: a new folder, or one whose plan is of an older format (it is
+        planned afresh; its shards are kept where their images are unchanged)."""
+        document = self._plan_document()
+        return ShardPlan.from_dict(document) if document.get("version") == PLAN_VERSION else None
+
+    def stored_shard_size(self) -> int | None:
+        """The shard size the folder's run planned with: its plan's (of any format), else auto's for the image count
+        its marker records (a folder made before plans were stored); None for a folder without a run."""
+        from fruitpipe.config import auto_shard_size
+
+        size = self._plan_document().get("shard_size")
+        if size is not None:
+            return int(size)
+        images = (read_marker(self._out) or {}).get("images")
+        return auto_shard_size(int(images)) if images else None
+
+    def _plan_document(self) -> dict[str, Any]:
         try:
-            document = sinks.read_json(self._out, PLAN_JSON)
-            table = sinks.read_parquet(self._out, PLAN_IMAGES)
+            return sinks.read_json(self._out, PLAN_JSON)
         except (FileNotFoundError, NotADirectoryError):  # `check` says what OUT holds instead
-            return None
-        shards: dict[int, list[ImageRow]] = {}
-        generation: dict[int, int] = {}
-        for row in table.to_pylist():
-            shards.setdefault(int(row["shard_id"]), []).append(ImageRow.from_dict(row))
-            generation[int(row["shard_id"])] = int(row["generation"])
-        return ShardPlan(shards=dict(sorted(shards.items())), shard_generation=generation,
-                         labels={str(k): int(v) for k, v in document["labels"].items()},
-                         shard_size=int(document["shard_size"]), generations=list(document["generations"]),
-                         next_shard_id=int(document["next_shard_id"]))
+            return {}
+
+    @staticmethod
+    def new_plan_names() -> tuple[str, str]:
+        """Fresh names for a plan's listing and its rows, so a new plan never overwrites the one stored."""
+        token = uuid.uuid4().hex[:12]
+        return _PLAN_LISTING + token, _PLAN_ROWS + token
+
+    def write_plan_part(self, name: str, number: int, table: pa.Table, by_shard: bool = False) -> None:
+        """One part of a listing or of a plan's rows (`name` from `new_plan_names`); plan rows `by_shard` (sorted by
+        shard) get a row group per shard, so a shard task reads its own rows only (`shard_rows`)."""
+        sinks.write_parquet(self._out, _plan_part(name, number), table, group_by="shard_id" if by_shard else None)
+
+    def plan_part(self, name: str, number: int) -> pa.Table:
+        return sinks.read_parquet(self._out, _plan_part(name, number))
 
     def write_plan(self, plan: ShardPlan) -> None:
-        """Store the plan: the images first, then plan.json, which a reader needs too."""
-        rows = [{**row.to_dict(), "generation": plan.shard_generation[shard_id]}
-                for shard_id in sorted(plan.shards) for row in plan.shards[shard_id]]
-        sinks.write_parquet(self._out, PLAN_IMAGES, pa.Table.from_pylist(rows, schema=_PLAN_SCHEMA))
-        sinks.write_json(self._out, PLAN_JSON, {"shard_size": plan.shard_size, "labels": plan.labels,
-                                                "next_shard_id": plan.next_shard_id,
-                                                "generations": plan.generations})
+        """Store the plan: its parts are written, so plan.json, which names them, goes last; then every older plan
+        and listing in `_plan/` is deleted."""
+        sinks.write_json(self._out, PLAN_JSON, plan.to_dict())
+        for name in list_names(self._out, self._out.join(PLAN)):
+            if name not in (plan.rows, PLAN_JSON.rsplit("/", 1)[1]):
+                remove_tree(self._out, self._out.join(PLAN, name))
 
-    def completed_shards(self, plan: Mapping[int, list[ImageRow]]) -> set[int]:
-        """The planned shards already done: stats file present and readable, every part holding the rows it says,
-        and no image left to retry (one whose load timed out).
+    def remove_plan_listing(self, name: str) -> None:
+        remove_tree(self._out, self._out.join(PLAN, name))
 
-        A shard whose stats file exists but whose parts are missing, torn or disagree, or that holds images to
-        retry, is not done: its stats file is deleted, so it is redone and a run killed while redoing it cannot
-        mistake it for done.
-        """
-        candidates = sorted(set(plan) & self.finished_shards())
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            whole = dict(zip(candidates, pool.map(lambda i: self._shard_is_whole(i, plan[i]), candidates)))
-        for shard_id in candidates:
-            if not whole[shard_id]:
-                remove_tree(self._out, self._out.join(_stats_path(shard_id)))
-        return {shard_id for shard_id in candidates if whole[shard_id]}
+    def shard_rows(self, plan_rows: str, shard_id: int, parts: tuple[int, ...]) -> list[ImageRow]:
+        """A planned shard's images, in path order, read from the plan parts that hold them (a task's read)."""
+        import pyarrow.compute as pc
 
-    def _shard_is_whole(self, shard_id: int, rows: list[ImageRow]) -> bool:
-        try:
-            stats = self.shard_stats(shard_id)
-            if (stats.shard_id != shard_id or stats.images != len(rows) or stats.ok + stats.failed != len(rows)
-                    or stats.images_sha256 != records_digest(rows) or stats.retryable):
-                return False
-            expected = {FEATURES: stats.ok, METADATA: stats.images, ERRORS: stats.failed}
-            return all(with_retries(lambda name=name: sinks.parquet_rows(self._out, _part(name, shard_id))) == rows
-                       for name, rows in expected.items())
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+        rows: list[ImageRow] = []
+        for number in parts:
+            table = sinks.read_parquet_where(self._out, _plan_part(plan_rows, number), "shard_id", shard_id)
+            rows += map(ImageRow.from_dict, table.filter(pc.equal(table.column("shard_id"), shard_id)).to_pylist())
+        return sorted(rows, key=lambda row: row.path)
 
     # -- readers of a finished run ---------------------------------------------------------------------------------
 
@@ -951,6 +989,5 @@ def _gram_path(shard_id: int) -> str:
     return f"{SHARD_GRAMS}/part-{shard_id:05d}.npz"
 
 
-_PLAN_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()),
-                          ("label_index", pa.int64()), ("split", pa.string()), ("bytes", pa.int64()),
-                          ("shard_id", pa.int64()), ("version", pa.string()), ("generation", pa.int64())])
+def _plan_part(name: str, number: int) -> str:
+    return f"{PLAN}/{name}/part-{number:05d}{sinks.PARQUET_SUFFIX}"

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fruitpipe.storage import Location, list_names, read_bytes, read_tail, write_bytes, write_chunks
+from fruitpipe.storage import Location, list_names, read_bytes, read_tail, with_retries, write_bytes, write_chunks
 
 PARQUET_SUFFIX = ".parquet"
 CSV_SUFFIX = ".csv"
@@ -80,12 +80,32 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def write_parquet(out: Location, path: str, table: pa.Table) -> None:
-    write_bytes(out, out.join(path), parquet_bytes(table))
+def write_parquet(out: Location, path: str, table: pa.Table, group_by: str | None = None) -> None:
+    """A table as one Parquet object; with `group_by` (the table sorted by that column), one row group per value,
+    so `read_parquet_where` reads one value's rows without the rest."""
+    if group_by is None:
+        write_bytes(out, out.join(path), parquet_bytes(table))
+        return
+    buffer = io.BytesIO()
+    values = table.column(group_by).to_numpy()
+    starts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
+    with pq.ParquetWriter(buffer, table.schema, compression="zstd", compression_level=1) as writer:
+        for start, end in zip(starts, starts[1:]):
+            writer.write_table(table.slice(start, end - start))
+    write_bytes(out, out.join(path), buffer.getvalue())
 
 
 def read_parquet(out: Location, path: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(out, out.join(path))), columns=columns)
+
+
+def read_parquet_where(out: Location, path: str, column: str, value: Any) -> pa.Table:
+    """The rows whose `column` equals `value`, reading only the row groups that can hold them (ranged reads of a
+    file written with `write_parquet(group_by=column)`)."""
+    def read() -> pa.Table:
+        with out.fs.open(out.join(path), "rb") as handle:
+            return pq.read_table(handle, filters=[(column, "=", value)])
+    return with_retries(read, out.uri(out.join(path)))
 
 
 def parquet_rows(out: Location, path: str) -> int:

@@ -1,8 +1,10 @@
 """The three stages of a run, written once against a `Distributor` (fruitpipe.distributors), so Spark, the local
 process pool and the driver itself run the same task functions.
 
-1. extract: one task per shard (`process_shard`): its ImageRows in, its stats back; the model bytes are shared
-   (a Spark broadcast, a file for the pool), so a worker builds its runtime once however many shards it runs.
+0. resume: one task per shard with a stats file checks it against the shard's planned images.
+1. extract: one task per shard (`process_shard`): it reads its rows from the plan (fruitpipe.planning), gives its
+   stats back; the model bytes are shared (a Spark broadcast, a file for the pool), so a worker builds its runtime
+   once however many shards it runs.
 2. gram: one task per group of feature shards merges their stored PCA sufficient statistics (one Gram matrix back
    per group, not per shard: each is D x D float64, 13 MB at D = 1280); the driver merges those.
 3. project: one task per shard writes its PCA part (a shard with features) and its CSV copies, so no table ever
@@ -13,7 +15,8 @@ Measured for stage 1 against the `mapInPandas` version it replaced (rows as a Da
 Arrow batches, stats back as JSON strings), same 600 demo images, 12 shards of 50, mobilenet_v2 random weights at
 64 px, local[2], three interleaved rounds in one script: one task per shard 3.1 / 4.8 / 5.3 s, mapInPandas 6.1 /
 8.5 / 10.1 s. The shards are already grouped on the driver, so the DataFrame only added a schema, a JVM round trip
-per row and a regrouping in the task.
+per row and a regrouping in the task. (Since then the rows no longer come from the driver at all: a task reads its
+shard's rows from the plan's Parquet parts, so the driver sends a shard id and the parts to read.)
 """
 
 from __future__ import annotations
@@ -27,23 +30,40 @@ from fruitpipe import sinks
 from fruitpipe.distributors import Distributor
 from fruitpipe.extract import ExtractionSettings, process_shard
 from fruitpipe.pca import GramStatistics, PcaModel
-from fruitpipe.records import ImageRow, ShardStats
+from fruitpipe.records import ShardPlan, ShardStats
 from fruitpipe.run_folder import ERRORS, FEATURES, METADATA, PCA, RunFolder
 
 
-def run_extraction(distributor: Distributor, shards: dict[int, list[ImageRow]], settings: ExtractionSettings,
+def run_resume(distributor: Distributor, output: str, plan: ShardPlan, shard_ids: list[int]) -> dict[int, ShardStats]:
+    """Before stage 1: which of `shard_ids` (shards with a stats file) are done with their planned images, as their
+    tasks find it (`RunFolder.resume_shard`; a shard that lost images is rewritten from its parts there)."""
+    items = [(shard_id, plan.shards[shard_id].parts) for shard_id in shard_ids]
+    checked = distributor.map(partial(_resume_shard, output=output, plan_rows=plan.rows), items)
+    return {shard_id: stats for shard_id, stats in zip(shard_ids, checked) if stats is not None}
+
+
+def _resume_shard(shard: tuple[int, tuple[int, ...]], output: str, plan_rows: str) -> ShardStats | None:
+    shard_id, parts = shard
+    folder = RunFolder(output)
+    return folder.resume_shard(shard_id, folder.shard_rows(plan_rows, shard_id, parts))
+
+
+def run_extraction(distributor: Distributor, plan: ShardPlan, shard_ids: list[int], settings: ExtractionSettings,
                    onnx_bytes: bytes) -> list[ShardStats]:
-    """Stage 1: process the given shards (one task each); returns their stats."""
-    if not shards:
+    """Stage 1: process the given shards of `plan` (one task each, reading its rows from the plan); returns their
+    stats."""
+    if not shard_ids:
         return []
+    items = [(shard_id, plan.shards[shard_id].parts) for shard_id in sorted(shard_ids)]
     with distributor.shared(onnx_bytes) as model_bytes:
-        task = partial(_extract_shard, settings=settings, model_bytes=model_bytes)
-        return distributor.map(task, sorted(shards.items()))
+        task = partial(_extract_shard, settings=settings, model_bytes=model_bytes, plan_rows=plan.rows)
+        return distributor.map(task, items)
 
 
-def _extract_shard(shard: tuple[int, list[ImageRow]], settings: ExtractionSettings,
-                   model_bytes: Callable[[], bytes]) -> ShardStats:
-    shard_id, rows = shard
+def _extract_shard(shard: tuple[int, tuple[int, ...]], settings: ExtractionSettings,
+                   model_bytes: Callable[[], bytes], plan_rows: str) -> ShardStats:
+    shard_id, parts = shard
+    rows = RunFolder(settings.output).shard_rows(plan_rows, shard_id, parts)
     return process_shard(shard_id, rows, settings, model_bytes)
 
 

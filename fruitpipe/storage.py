@@ -48,6 +48,8 @@ CALL_TIMEOUT_S = 30.0
 CALL_TIMEOUT_ENV = "FRUITPIPE_STORAGE_TIMEOUT_S"
 _SECONDS_PER_MB_SENT = 1.0
 _RECONNECT_TIMEOUT_S = 10.0
+# Keys per S3 listing call: the API's maximum.
+LIST_PAGE_KEYS = 1000
 
 # Errors worth retrying: the store was briefly unreachable or answered 5xx / throttled.
 _TRANSIENT_NAMES = frozenset({
@@ -306,30 +308,80 @@ class ListedFile:
     problem: str = ""
 
 
-def find_files(location: Location, root: str) -> dict[str, ListedFile]:
+def find_files(location: Location, root: str, above: tuple[str, ...] = ()) -> dict[str, ListedFile]:
     """Every file below `root` as {path: ListedFile}, from one flat listing (paged prefix listing on S3, 1,000 keys a
-    call, never a walk per folder). Zero-byte `name/` folder markers that consoles create are not files.
+    call, each page retried on its own; never a walk per folder). Zero-byte `name/` folder markers that consoles create are not files.
 
-    Local folders are walked following folder symlinks (a link back to a folder above it is reported, not
-    followed); FIFOs, sockets, devices, broken links and unlistable folders are reported with their problem, so
-    nobody opens a FIFO and waits forever.
+    Local folders are walked following folder symlinks (a link back to a folder above it, `above` included, is
+    reported, not followed); FIFOs, sockets, devices, broken links and unlistable folders are reported with their
+    problem, so nobody opens a FIFO and waits forever. With `above`, `root` is one folder of a larger listing: if
+    it cannot be listed, that is reported too instead of raised.
     """
     def listing() -> dict[str, ListedFile]:
         if location.is_local:
-            return _local_files(root)
+            return _local_files(root, above)
         try:
             found = location.call("find", root, detail=True)
         except FileNotFoundError:
             return {}
         return {path: ListedFile(int(info.get("size") or 0), _object_version(info)) for path, info in found.items()
                 if info.get("type") != "directory" and not path.endswith("/")}
+    if _is_s3(location):
+        return _s3_files(location, root)
+    return _listed(listing, location.uri(root))
+
+
+def _is_s3(location: Location) -> bool:
+    protocols = location.fs.protocol if isinstance(location.fs.protocol, tuple) else (location.fs.protocol,)
+    return "s3" in protocols
+
+
+def _s3_files(location: Location, root: str) -> dict[str, ListedFile]:
+    """An S3 prefix listed page by page (ListObjectsV2, LIST_PAGE_KEYS keys a call), each page one call with its
+    own timeout and retries: one call for the whole prefix would be cancelled past a few hundred thousand keys."""
+    bucket, _, prefix = root.strip("/").partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": LIST_PAGE_KEYS}
+    found: dict[str, ListedFile] = {}
+    while True:
+        try:
+            page = _listed(lambda: location.call("call_s3", "list_objects_v2", **request), location.uri(root))
+        except FileNotFoundError:  # no such bucket
+            return {}
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                found[f"{bucket}/{item['Key']}"] = ListedFile(int(item.get("Size") or 0), _object_version(item))
+        if not page.get("IsTruncated"):
+            return found
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def list_folder(location: Location, directory: str) -> tuple[list[str], dict[str, ListedFile]]:
+    """What `directory` holds directly: the paths of its folders (sorted) and its files, as find_files reports
+    them (a local FIFO, broken link or the like with its problem). The top of a listing that the folders' own
+    listings then share out."""
+    def listing() -> tuple[list[str], dict[str, ListedFile]]:
+        if location.is_local:
+            return _local_entries(directory)
+        try:
+            entries = location.call("ls", directory, detail=True)
+        except FileNotFoundError:
+            return [], {}
+        folders = sorted(info["name"].rstrip("/") for info in entries if info.get("type") == "directory")
+        files = {info["name"]: ListedFile(int(info.get("size") or 0), _object_version(info)) for info in entries
+                 if info.get("type") != "directory" and not info["name"].endswith("/")}
+        return folders, files
+    return _listed(listing, location.uri(directory))
+
+
+def _listed(listing: Callable[[], T], where: str) -> T:
+    """A listing with retries, its permission and credential failures as one line each."""
     try:
-        return with_retries(listing, location.uri(root))
+        return with_retries(listing, where)
     except PermissionError as exc:
-        raise FruitpipeError(f"cannot list {location.uri(root)}: permission denied ({_first_line(exc)})") from None
+        raise FruitpipeError(f"cannot list {where}: permission denied ({_first_line(exc)})") from None
     except Exception as exc:
         if any(type(error).__name__ == "NoCredentialsError" for error in _chain(exc)):
-            raise FruitpipeError(f"cannot list {location.uri(root)}: no credentials found (set AWS_PROFILE or "
+            raise FruitpipeError(f"cannot list {where}: no credentials found (set AWS_PROFILE or "
                                  "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run with an instance role)") from None
         raise
 
@@ -342,49 +394,76 @@ def _object_version(info: dict) -> str:
     return ""
 
 
-def _local_files(root: str) -> dict[str, ListedFile]:
-    """Walk `root` (depth first, symlinks followed): regular files with their mtime, anything else with its problem."""
+def _local_files(root: str, above: tuple[str, ...] = ()) -> dict[str, ListedFile]:
+    """Walk `root` (depth first, symlinks followed): regular files with their mtime, anything else with its problem.
+    The folders in `above` count as above `root` for loops; with them, an unlistable `root` is reported."""
     try:
         top = os.stat(root)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     if not stat.S_ISDIR(top.st_mode):
         return {}
+    guarded = {(top.st_dev, top.st_ino)} | {(info.st_dev, info.st_ino) for info in map(os.stat, above)}
     found: dict[str, ListedFile] = {}
     # Each folder to list with the (device, inode) of the real folders above it: a link to one of them is a loop.
-    folders: list[tuple[str, frozenset[tuple[int, int]]]] = [(root, frozenset({(top.st_dev, top.st_ino)}))]
+    folders: list[tuple[str, frozenset[tuple[int, int]]]] = [(root, frozenset(guarded))]
     while folders:
-        folder, above = folders.pop()
+        folder, above_folder = folders.pop()
         try:
             with os.scandir(folder) as entries:
                 listed = list(entries)
         except OSError as exc:
-            if folder == root:
+            if folder == root and not above:
                 raise
             found[folder] = ListedFile(0, "", f"folder cannot be listed ({exc.strerror or exc})")
             continue
         for entry in listed:
             path = f"{folder}/{entry.name}"
-            try:
-                info = entry.stat()
-            except FileNotFoundError:
-                if entry.is_symlink():
-                    found[path] = ListedFile(0, "", "broken symbolic link (its target is missing)")
-                continue  # deleted while listing
-            except OSError as exc:
-                found[path] = ListedFile(0, "", f"cannot be listed ({exc.strerror or exc})")
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                key = (info.st_dev, info.st_ino)
-                if key in above:
-                    found[path] = ListedFile(0, "", "folder symlink loop: links to a folder above it (not followed)")
-                else:
-                    folders.append((path, above | {key}))
-            elif stat.S_ISREG(info.st_mode):
-                found[path] = ListedFile(info.st_size, str(info.st_mtime_ns))
-            else:
-                found[path] = ListedFile(0, "", f"not a regular file ({_file_kind(info.st_mode)})")
+            described = _entry(entry, above_folder)
+            if isinstance(described, ListedFile):
+                found[path] = described
+            elif described is not None:
+                folders.append((path, above_folder | {described}))
     return found
+
+
+def _local_entries(directory: str) -> tuple[list[str], dict[str, ListedFile]]:
+    """One local folder's entries: its folders (symlinks to folders included, loops to it reported) and files."""
+    try:
+        top = os.stat(directory)
+        with os.scandir(directory) as entries:
+            listed = list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return [], {}
+    folders: list[str] = []
+    files: dict[str, ListedFile] = {}
+    for entry in listed:
+        path = f"{directory}/{entry.name}"
+        described = _entry(entry, frozenset({(top.st_dev, top.st_ino)}))
+        if isinstance(described, ListedFile):
+            files[path] = described
+        elif described is not None:
+            folders.append(path)
+    return sorted(folders), files
+
+
+def _entry(entry: os.DirEntry, above: frozenset[tuple[int, int]]) -> ListedFile | tuple[int, int] | None:
+    """A directory entry as a file (with its problem, if any), a folder to descend (its device and inode), or None
+    (deleted while listing)."""
+    try:
+        info = entry.stat()
+    except FileNotFoundError:
+        return ListedFile(0, "", "broken symbolic link (its target is missing)") if entry.is_symlink() else None
+    except OSError as exc:
+        return ListedFile(0, "", f"cannot be listed ({exc.strerror or exc})")
+    if stat.S_ISDIR(info.st_mode):
+        key = (info.st_dev, info.st_ino)
+        if key in above:
+            return ListedFile(0, "", "folder symlink loop: links to a folder above it (not followed)")
+        return key
+    if stat.S_ISREG(info.st_mode):
+        return ListedFile(info.st_size, str(info.st_mtime_ns))
+    return ListedFile(0, "", f"not a regular file ({_file_kind(info.st_mode)})")
 
 
 def _file_kind(mode: int) -> str:

@@ -134,14 +134,14 @@ def bad_run(demo_root, spark, cache_dir, tmp_path_factory):
     for number in range(SHARD_SIZE):
         (training / BROKEN / f"broken-{number}.jpg").write_bytes(photos[0].read_bytes()[: 200 + number])
 
-    real_list_split = pipeline.list_split
+    real_plan_run = pipeline.plan_run
 
-    def list_then_delete(source_uri: str, split: str):
-        listing = real_list_split(source_uri, split)
+    def list_then_delete(*args, **kwargs):
+        planned = real_plan_run(*args, **kwargs)
         (training / ODD / "vanishes.jpg").unlink()
         (training / ODD / "hangs.jpg").unlink()
         os.mkfifo(training / ODD / "hangs.jpg")
-        return listing
+        return planned
 
     output = tmp_path_factory.mktemp("bad-runs") / "out"
     config = build_config({}, {"source": str(source), "output": str(output), "image_size": 96, "pca_k": 3,
@@ -149,7 +149,7 @@ def bad_run(demo_root, spark, cache_dir, tmp_path_factory):
                                "cache_dir": cache_dir, "quiet": True, "features_csv": True})
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(pipeline, "list_split", list_then_delete)
+            patch.setattr(pipeline, "plan_run", list_then_delete)
             result = pipeline.run(config)
     finally:
         _release_fifo(training / ODD / "hangs.jpg")

@@ -164,14 +164,14 @@ def test_a_python_worker_killed_mid_task_is_retried_by_spark(demo_root, spark, c
         shutil.copy(photo, source / "Banana" / photo.name)
     fifo = source / "Banana" / "via-fifo.jpg"
     shutil.copy(photos[0], fifo)
-    real_list_split = pipeline.list_split
+    real_plan_run = pipeline.plan_run
 
-    def list_then_swap(source_uri: str, split: str):
-        listing = real_list_split(source_uri, split)
+    def list_then_swap(*args, **kwargs):
+        planned = real_plan_run(*args, **kwargs)
         fifo.unlink()
         os.mkfifo(fifo)
-        return listing
-    monkeypatch.setattr(pipeline, "list_split", list_then_swap)
+        return planned
+    monkeypatch.setattr(pipeline, "plan_run", list_then_swap)
     out = tmp_path / "out"
     config = build_config({}, {"source": str(source.parent), "output": str(out), "image_size": 96, "pca_k": 2,
                                "shard_size": 3, "read_timeout_s": 120.0, "cache_dir": cache_dir, "quiet": True})

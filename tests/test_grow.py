@@ -19,7 +19,7 @@ from fruitpipe.config import MIN_AUTO_SHARDS, build_config
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.pca import GramStatistics, fit
 from fruitpipe.pipeline import run
-from fruitpipe.run_folder import RunFolder
+from fruitpipe.run_folder import RunFolder, load_run
 from tests.support.compare import assert_pca_equal, vectors
 from tests.support.processes import cli, snapshot, wait_until
 
@@ -92,7 +92,7 @@ def test_growing_processes_only_the_new_images_and_equals_a_run_from_scratch(gro
 def test_removed_photos_leave_the_outputs_and_the_refit_equals_a_fit_on_what_remains(grown, cache_dir, tmp_path):
     source, out, _, second, _, _ = grown
     removed = _held_out(source, 0)[:3] + _held_out(source, 1)[:1]
-    plan = pd.read_parquet(out / "_plan" / "images.parquet").set_index("path")["shard_id"]
+    plan = pd.read_parquet(next((out / "_plan").glob("rows-*"))).set_index("path")["shard_id"]
     shrunk = {plan[image.relative_to(source).as_posix()] for image in removed}
     for image in removed:
         image.unlink()
@@ -151,20 +151,29 @@ def test_a_changed_runtime_still_refuses_after_photos_were_added(grown, cache_di
     assert snapshot(out) == before
 
 
-def test_a_folder_without_a_stored_plan_resumes_but_does_not_grow(demo_root, cache_dir, tmp_path):
+def test_a_folder_without_a_stored_plan_resumes_and_is_planned_afresh_when_it_changed(demo_root, cache_dir,
+                                                                                        tmp_path):
+    """A folder made before plans were stored (or with an older plan format) is planned afresh: a resume keeps every
+    shard whose images are unchanged, and after a photo was added the shards that changed are redone and the ones
+    beyond the new plan deleted, so the run holds exactly the grown source."""
     source = tmp_path / "fruits"
     shutil.copytree(demo_root / "Training" / "Banana", source / "Training" / "Banana")
     out = tmp_path / "out"
-    run(_config(source, out, cache_dir, pca_k=2))
+    first = run(_config(source, out, cache_dir, pca_k=2, shard_size=4))
     shutil.rmtree(out / "_plan")
     shutil.rmtree(out / "_gram")
-    again = run(_config(source, out, cache_dir, pca_k=2))
-    assert again.shards_resumed == again.shards_total and (out / "_plan" / "plan.json").exists()
-    shutil.rmtree(out / "_plan")
-    extra = sorted((source / "Training" / "Banana").glob("*.jpg"))[0]
-    shutil.copy(extra, extra.with_name("added.jpg"))
-    with pytest.raises(FruitpipeError, match=r"the source changed\) and it stores no shard plan to grow"):
-        run(_config(source, out, cache_dir, pca_k=2))
+    again = run(_config(source, out, cache_dir, pca_k=2, shard_size=4))
+    assert again.shards_resumed == again.shards_total == first.shards_total
+    assert (out / "_plan" / "plan.json").exists()
+    (out / "_plan" / "plan.json").write_text(json.dumps({"shard_size": 4, "labels": {"Banana": 0}}))  # older format
+    last = sorted((source / "Training" / "Banana").glob("*.jpg"))[-1]
+    last.unlink()
+    grown = run(_config(source, out, cache_dir, pca_k=2, shard_size=4))
+    assert grown.images_ok == first.images_ok - 1 and grown.shards_total == -(-grown.images_ok // 4)
+    assert grown.shards_resumed == grown.shards_total  # the last shard lost its last image: rewritten, not redone
+    assert len(list((out / "_shards").glob("*.json"))) == grown.shards_total
+    assert sorted(load_run(str(out)).metadata()["path"]) == sorted(
+        f"Training/Banana/{image.name}" for image in (source / "Training" / "Banana").glob("*.jpg"))
 
 
 @pytest.mark.s3

@@ -27,8 +27,8 @@ from fruitpipe.config import build_config
 from fruitpipe.dataset import list_split, split_and_class
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.inventory import build_inventory
-from fruitpipe.records import records_digest
 from fruitpipe.run_folder import RUN_MARKER
+from tests.support.compare import listing_digest
 from tests.support.images import bmp as _bmp
 
 
@@ -118,8 +118,7 @@ def test_a_same_size_rewrite_changes_the_listing_digest(tmp_path):
     _write(tmp_path / "src" / "Training" / "Apple" / "b.bmp", _bmp(1))
 
     def digest() -> str:
-        return records_digest(row for rows in pipeline.plan_shards(list_split(str(tmp_path / "src"), "Training").images,
-                                                                  8).values() for row in rows)
+        return listing_digest(str(tmp_path / "src"))
     before = digest()
     stat = image.stat()
     image.write_bytes(_bmp(2))

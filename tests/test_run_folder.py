@@ -185,8 +185,8 @@ def test_a_fresh_lease_refuses_every_run_and_reader_and_a_stale_one_is_taken_ove
 
 def test_two_runs_on_one_output_the_second_is_refused_and_the_first_completes(demo_root, spark, cache_dir,
                                                                                tmp_path, capsys):
-    """The first run is held mid-extraction: once it has listed the source and claimed OUT, one of its images (the
-    last, in the last shard) is swapped for a FIFO, where a Python worker then waits. Meanwhile an --overwrite run
+    """The first run is held mid-extraction: once it has claimed OUT and planned its shards (the listing is done),
+    one of its images (the last, in the last shard) is swapped for a FIFO, where a Python worker then waits. Meanwhile an --overwrite run
     and a plain re-run are refused with the holder named. Then the image is put back and the waiting worker killed:
     Spark's retry of its task reads the image and the first run completes."""
     source = tmp_path / "source"
@@ -199,8 +199,8 @@ def test_two_runs_on_one_output_the_second_is_refused_and_the_first_completes(de
     first = subprocess.Popen(_cli(*argv), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
     try:
-        _wait_until(lambda: (out / "_fruitpipe_run.json").exists() or first.poll() is not None, 240,
-                    "the first run to claim OUT", poll_s=0.01)
+        _wait_until(lambda: (out / "_plan" / "plan.json").exists() or first.poll() is not None, 240,
+                    "the first run to plan its shards", poll_s=0.01)
         held.unlink()
         os.mkfifo(held)
         victim = _blocked_opening_a_fifo(held, 120)

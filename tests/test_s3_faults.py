@@ -203,12 +203,18 @@ def test_a_stalled_store_times_reads_out_and_they_are_retried_not_failed(store, 
 def test_reads_still_stalled_after_every_attempt_are_reported_apart_and_the_next_run_retries_them(
         store, cache_dir, finished_run):
     """A stall longer than every attempt: the images are retryable error rows, not failed ones; the run says so and
-    exits 3; the same command afterwards retries exactly those shards and completes."""
+    exits 3; the same command afterwards retries exactly those shards and completes.
+
+    The store is frozen three times for 10 s with a blink between: a task that was between shards when the stall
+    began (reading its rows from the plan: a storage call, which waits out a stall) gets its rows in a blink and
+    then reads its images in the next freeze, so some image reads stall on every attempt whenever the stall began."""
     moto, client, proxy = store
     output = "runs/long-stall"
     with _run_past_first_shard(store, output, cache_dir, "--read-timeout", "2") as process:
-        with moto.frozen():
-            time.sleep(25)
+        for blink in range(3):
+            with moto.frozen():
+                time.sleep(10)
+            time.sleep(0.1 if blink < 2 else 0)
         stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 3, stdout + stderr[-4000:]
     assert re.search(r"images: \d+ ok, 0 failed, [1-9]\d* to retry of 72 listed", stdout), stdout

@@ -1,9 +1,18 @@
-"""Comparing feature and PCA rows of two runs."""
+"""Comparing feature and PCA rows of two runs, and two listings of a source."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from fruitpipe.dataset import list_split
+from fruitpipe.records import ImageRow, records_digest
+
+
+def listing_digest(source: str) -> str:
+    """A digest of a source's Training images as a run would plan them: paths, sizes and versions, in order."""
+    return records_digest(ImageRow(image.image_id, image.path, image.label, 0, image.split, image.bytes, 0,
+                                   image.version) for image in list_split(source, "Training").images)
 
 
 def vectors(frame: pd.DataFrame, column: str) -> np.ndarray:
