@@ -191,7 +191,6 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
 
         stats = sorted([*done.values(), *extracted], key=lambda shard: shard.shard_id)
         images_ok = sum(s.ok for s in stats)
-        ok_shards = [s.shard_id for s in stats if s.ok > 0]
         pca_distributor = for_pca(distributor, images_ok)
         phase = time.perf_counter()
         if fixed_pca is not None:
@@ -200,7 +199,8 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
             if images_ok < 2:
                 raise FruitpipeError(f"only {images_ok} of {planned.images} images could be processed; "
                                      f"see {folder.uri(ERRORS)}")
-            statistics = stages.run_gram(pca_distributor, config.output, ok_shards)
+            generations = {shard_id: shard.generation for shard_id, shard in plan.shards.items()}
+            statistics = stages.run_gram(pca_distributor, config.output, [s for s in stats if s.ok], generations)
             model = fit(statistics, k=None if config.pca_variance else config.pca_k, variance=config.pca_variance)
         seconds["pca_fit"] = time.perf_counter() - phase
 

@@ -13,8 +13,9 @@ open a finished folder with `RunFolder.finished` and read typed things (`result`
     errors/part-NNNNN.parquet     image_id, path, label, stage, reason, retryable (every shard writes one;
                                   part-listing.parquet holds the files the listing could not take as images)
     _shards/part-NNNNN.json       per-shard stats (`records.ShardStats`); written last, it marks the shard done
-    _gram/part-NNNNN.npz          the shard's PCA sufficient statistics (`pca.GramStatistics.to_bytes`), written
-                                  before its stats file, so a refit never reads old features again
+    _gram/generation-NNNNN-<digest>.npz   the PCA sufficient statistics (`pca.GramStatistics.to_bytes`) of one
+                                  generation's shards, for the shards (and their images) the digest names: a
+                                  refit reads only the features of generations that are new or lost images
     _plan/rows-<id>/part-NNNNN.parquet   the shard plan (`records.ShardPlan`), one part per class folder, written
                                   by tasks: image_id, path, label, label_index, split, bytes, version, shard_id,
                                   generation; `_plan/plan.json` (written after its parts, it names them): shard
@@ -493,21 +494,13 @@ class RunFolder:
     # -- shards: executors write them, the driver resumes and reads them ------------------------------------------
 
     def write_shard(self, shard_id: int, tables: ShardTables, stats: Callable[[], ShardStats]) -> ShardStats:
-        """Write a shard's parts whole and its PCA statistics, then its stats file: the commit record, so a shard
-        with stats is done.
+        """Write a shard's parts whole, then its stats file: the commit record, so a shard with stats is done.
 
         `stats` is called between the two, so the stats can count the time the parts took to write.
         """
-        from fruitpipe.pca import GramStatistics
-
         sinks.write_parquet(self._out, _part(FEATURES, shard_id), tables.features)
         sinks.write_parquet(self._out, _part(METADATA, shard_id), tables.metadata)
         sinks.write_parquet(self._out, _part(ERRORS, shard_id), tables.errors)
-        if tables.features.num_rows:
-            gram = GramStatistics.of(sinks.vectors_matrix(tables.features, "features"))
-            write_bytes(self._out, self._out.join(_gram_path(shard_id)), gram.to_bytes())
-        else:
-            remove_tree(self._out, self._out.join(_gram_path(shard_id)))
         record = stats()
         sinks.write_json(self._out, _stats_path(shard_id), record.to_dict())
         return record
@@ -529,21 +522,34 @@ class RunFolder:
         return ShardStats.from_dict(sinks.read_json(self._out, _stats_path(shard_id)))
 
     def shard_gram(self, shard_id: int) -> GramStatistics:
-        """A done shard's PCA statistics as stored; a shard written before they were stored gets them computed from
-        its features now (and stored, for the next refit)."""
+        """A done shard's PCA sufficient statistics, from its features (a task's read)."""
         from fruitpipe.pca import GramStatistics
 
-        path = self._out.join(_gram_path(shard_id))
+        return GramStatistics.of(sinks.vectors_matrix(self.part(FEATURES, shard_id), "features"))
+
+    def generation_gram(self, generation: int, shards_digest: str) -> GramStatistics | None:
+        """The stored PCA statistics of one generation's shards, if stored for exactly these shards as they are now
+        (`shards_digest`), else None."""
+        from fruitpipe.pca import GramStatistics
+
         try:
-            return GramStatistics.from_bytes(read_bytes(self._out, path))
+            return GramStatistics.from_bytes(read_bytes(self._out, self._out.join(_gram_path(generation,
+                                                                                             shards_digest))))
         except FileNotFoundError:
-            gram = GramStatistics.of(sinks.vectors_matrix(self.part(FEATURES, shard_id), "features"))
-            write_bytes(self._out, path, gram.to_bytes())
-            return gram
+            return None
+
+    def write_generation_gram(self, generation: int, shards_digest: str, statistics: GramStatistics) -> None:
+        """Store one generation's PCA statistics, replacing the generation's earlier ones (and any statistics a
+        folder of an older format kept per shard)."""
+        write_bytes(self._out, self._out.join(_gram_path(generation, shards_digest)), statistics.to_bytes())
+        kept = _gram_path(generation, shards_digest).rsplit("/", 1)[1]
+        for name in list_names(self._out, self._out.join(SHARD_GRAMS)):
+            if name != kept and (name.startswith(f"generation-{generation:05d}-") or name.startswith("part-")):
+                remove_tree(self._out, self._out.join(SHARD_GRAMS, name))
 
     def remove_shard(self, shard_id: int) -> None:
         """Delete everything of a shard the plan no longer holds (its images all left the source): stats first."""
-        for path in (_stats_path(shard_id), _gram_path(shard_id), *(_part(name, shard_id) for name in TABLES)):
+        for path in (_stats_path(shard_id), *(_part(name, shard_id) for name in TABLES)):
             remove_tree(self._out, self._out.join(path))
 
     def resume_shard(self, shard_id: int, rows: list[ImageRow]) -> ShardStats | None:
@@ -985,8 +991,8 @@ def _stats_path(shard_id: int) -> str:
     return f"{SHARD_STATS}/part-{shard_id:05d}.json"
 
 
-def _gram_path(shard_id: int) -> str:
-    return f"{SHARD_GRAMS}/part-{shard_id:05d}.npz"
+def _gram_path(generation: int, shards_digest: str) -> str:
+    return f"{SHARD_GRAMS}/generation-{generation:05d}-{shards_digest}.npz"
 
 
 def _plan_part(name: str, number: int) -> str:

@@ -5,8 +5,9 @@ process pool and the driver itself run the same task functions.
 1. extract: one task per shard (`process_shard`): it reads its rows from the plan (fruitpipe.planning), gives its
    stats back; the model bytes are shared (a Spark broadcast, a file for the pool), so a worker builds its runtime
    once however many shards it runs.
-2. gram: one task per group of feature shards merges their stored PCA sufficient statistics (one Gram matrix back
-   per group, not per shard: each is D x D float64, 13 MB at D = 1280); the driver merges those.
+2. gram: one task per group of feature shards computes their PCA sufficient statistics from their features (one
+   Gram matrix back per group, not per shard: each is D x D float64, 13 MB at D = 1280); the driver merges those
+   and stores them per generation, so a run that grew reads only its new features.
 3. project: one task per shard writes its PCA part (a shard with features) and its CSV copies, so no table ever
    passes through the driver whole.
 Features are materialised by stage 1, so the CNN runs once per image however many stages follow.
@@ -21,7 +22,8 @@ shard's rows from the plan's Parquet parts, so the driver sends a shard id and t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import numpy as np
@@ -67,15 +69,45 @@ def _extract_shard(shard: tuple[int, tuple[int, ...]], settings: ExtractionSetti
     return process_shard(shard_id, rows, settings, model_bytes)
 
 
-def run_gram(distributor: Distributor, output: str, shard_ids: list[int]) -> GramStatistics:
-    """Stage 2: PCA sufficient statistics over every feature shard, merged on the driver. Each shard's are stored
-    with it (`RunFolder.shard_gram`), so a run that grew reads no old features again."""
-    count = min(len(shard_ids), distributor.slots)
-    groups = [shard_ids[start::count] for start in range(count)]
+def run_gram(distributor: Distributor, output: str, stats: list[ShardStats],
+             generation_of: Mapping[int, int]) -> GramStatistics:
+    """Stage 2: PCA sufficient statistics over every shard with features (`stats`), merged on the driver.
+
+    They are stored per generation of shards (`RunFolder.write_generation_gram`): a generation whose shards and
+    images are unchanged since is read back, so a run that grew reads the features of its new shards only (and
+    of any generation that lost images); the first run reads every shard's features once.
+    """
+    folder = RunFolder(output)
+    by_generation: dict[int, list[ShardStats]] = {}
+    for shard in stats:
+        by_generation.setdefault(generation_of[shard.shard_id], []).append(shard)
     total = GramStatistics.empty(np.zeros(0))
-    for statistics in distributor.map(partial(_gram_of_shards, output=output), groups):
+    computed: dict[int, GramStatistics] = {}
+    groups: list[tuple[int, list[int]]] = []
+    for generation, shards in sorted(by_generation.items()):
+        stored = folder.generation_gram(generation, _shards_digest(shards))
+        if stored is not None:
+            total.merge(stored)
+            continue
+        ids = [shard.shard_id for shard in shards]
+        count = min(len(ids), distributor.slots)
+        groups += [(generation, ids[start::count]) for start in range(count)]
+        computed[generation] = GramStatistics.empty(np.zeros(0))
+    for (generation, _), statistics in zip(groups, distributor.map(partial(_gram_of_shards, output=output),
+                                                                   [ids for _, ids in groups])):
+        computed[generation].merge(statistics)
+    for generation, statistics in computed.items():
+        folder.write_generation_gram(generation, _shards_digest(by_generation[generation]), statistics)
         total.merge(statistics)
     return total
+
+
+def _shards_digest(shards: list[ShardStats]) -> str:
+    """Names a generation's shards as they are: their ids and the digests of their images."""
+    digest = hashlib.sha256()
+    for shard in sorted(shards, key=lambda shard: shard.shard_id):
+        digest.update(f"{shard.shard_id}\0{shard.images_sha256}\0{shard.ok}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _gram_of_shards(shard_ids: list[int], output: str) -> GramStatistics:
