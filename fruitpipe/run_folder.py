@@ -669,9 +669,15 @@ class RunFolder:
 
     # -- readers of a finished run ---------------------------------------------------------------------------------
 
-    def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        """Every part of one table (features, pca, metadata, errors), in part order."""
-        return sinks.read_dataset(self._out, name, columns)
+    def table(self, name: str, columns: list[str] | None = None, at_most: int | None = None) -> pa.Table:
+        """Every part of one table (features, pca, metadata, errors), in part order; with `at_most`, a sample of
+        about that many rows of a larger table: every k-th part, spread over the whole run, by the manifest's
+        counts."""
+        every = 1
+        if at_most is not None:
+            listed = self.manifest()["outputs"][name]
+            every = max(1, -(-int(listed["rows"]) // at_most))
+        return sinks.read_dataset(self._out, name, columns, every)
 
     def manifest(self) -> dict[str, Any]:
         return sinks.read_json(self._out, MANIFEST)

@@ -123,9 +123,9 @@ def parquet_rows(out: Location, path: str) -> int:
     return pq.read_metadata(pa.BufferReader(PARQUET_MAGIC + tail[-footer_bytes:])).num_rows
 
 
-def read_dataset(out: Location, directory: str, columns: list[str] | None = None) -> pa.Table:
-    """Every Parquet file of one folder, concatenated in name order."""
-    names = [name for name in list_names(out, out.join(directory)) if name.endswith(PARQUET_SUFFIX)]
+def read_dataset(out: Location, directory: str, columns: list[str] | None = None, every: int = 1) -> pa.Table:
+    """Every Parquet file of one folder (or every `every`-th, from the first), concatenated in name order."""
+    names = [name for name in list_names(out, out.join(directory)) if name.endswith(PARQUET_SUFFIX)][::every]
     tables = [read_parquet(out, f"{directory}/{name}", columns) for name in names]
     if not tables:
         raise FileNotFoundError(f"no Parquet parts in {out.uri(out.join(directory))}")

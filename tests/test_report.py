@@ -356,3 +356,23 @@ def test_report_of_a_run_folder_on_s3(reported_run, monkeypatch):
     local = _embedded_photos(render(load_documents(str(reported_run)), str(reported_run)))
     assert remote.count("<circle ") == IMAGES_WITH_FEATURES
     assert sorted(_embedded_photos(remote).values()) == sorted(local.values())
+
+
+def test_a_large_run_is_mapped_from_a_sample_of_its_shards(reported_run, monkeypatch):
+    """Above report.PCA_ROWS_READ rows the report reads whole shards spread over the run, not the whole PCA table;
+    class sizes still count every image and the map says of how many it shows a sample."""
+    import fruitpipe.report as report
+
+    whole = load_documents(str(reported_run))
+    monkeypatch.setattr(report, "PCA_ROWS_READ", whole.pca.num_rows // 3)
+    sampled = load_documents(str(reported_run))
+    shards = -(-whole.manifest["images_ok"] // 16)
+    assert sampled.pca.num_rows < whole.pca.num_rows and len(set(sampled.pca.column("path").to_pylist())) \
+        == sampled.pca.num_rows
+    assert set(sampled.pca.column("path").to_pylist()) <= set(whole.pca.column("path").to_pylist())
+    assert shards >= 3
+    page = render(sampled, str(reported_run))
+    assert f"of {whole.manifest['images_ok']:,} images" in page
+    sizes = dict(zip(*np.unique(whole.pca.column("label").to_pylist(), return_counts=True)))
+    shown = set(sampled.pca.column("label").to_pylist())
+    assert shown and all(f"<span>{sizes[label]:,} images</span>" in page for label in shown)

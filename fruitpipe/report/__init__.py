@@ -12,7 +12,7 @@ import base64
 import html
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 from typing import Any
@@ -29,6 +29,9 @@ from fruitpipe.report.thumbnails import Thumbnails, read_thumbnails
 from fruitpipe.run_folder import ERRORS, METADATA, PCA, RunFolder
 
 ERROR_ROWS = 200
+# PCA rows the report reads at most: the map shows about photos.MAP_POINTS of them, so a larger run is sampled
+# (whole shards spread over the run: 200,000 rows of PCA-50 are 40 MB) rather than read whole on the driver.
+PCA_ROWS_READ = 200_000
 LEAKING_CLASSES_SHOWN = 10
 
 
@@ -60,7 +63,7 @@ def load_documents(run_dir: str) -> RunDocuments:
         config_text=folder.config_text(),
         metadata=folder.table(METADATA, columns=["label", "status"]),
         errors=folder.table(ERRORS),
-        pca=folder.table(PCA, columns=["path", "label", "pca"]),
+        pca=folder.table(PCA, columns=["path", "label", "pca"], at_most=PCA_ROWS_READ),
         evaluation=folder.evaluation(),
         duplicates=None if found is None else photos.DuplicateFindings(
             found, manifest["source"], _source_of(found.summary.get("test_run"))),
@@ -90,11 +93,11 @@ def render(documents: RunDocuments, run_dir: str) -> str:
     created = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(manifest["created_unix"]))
     pca = documents.pca
     labels = pca.column("label").to_pylist()
-    sample = photos.sample_run(manifest["source"], labels, pca.column("path").to_pylist(),
-                               sinks.vectors_matrix(pca, "pca"))
+    sample = replace(photos.sample_run(manifest["source"], labels, pca.column("path").to_pylist(),
+                                                   sinks.vectors_matrix(pca, "pca")), total=manifest["images_ok"])
     thumbnails = read_thumbnails(sample.photos() + photos.confusion_photos(documents.evaluation, manifest["source"])
                                  + (documents.duplicates.photos() if documents.duplicates else []))
-    class_sizes = dict(zip(*np.unique(np.asarray(labels, dtype=object), return_counts=True)))
+    class_sizes = _status_counts(documents.metadata, "ok")
     return template.substitute(
         photo_style=thumbnails.style(),
         title=html.escape(f"fruitpipe run: {manifest['model']}, {manifest['images_ok']} images"),
