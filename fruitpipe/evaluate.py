@@ -4,7 +4,8 @@ The test images go through `pipeline.transform` (the run's own ONNX model and fi
 classifiers fitted on the run's training features label them: a feature set is useful exactly when images of
 a class sit near each other. Similarity is cosine after subtracting the training mean (the PCA rows are already
 centred on it), so raw 1280-d features and their PCA projection are compared on the same footing: the gap is
-what the dropped components carried. numpy only; test rows are scored in chunks so memory stays bounded.
+what the dropped components carried. numpy only; test rows are scored in chunks so memory stays bounded, and a
+run of more than TRAIN_ROWS_READ images is scored against a sample of its shards.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ NEIGHBOURS = 5
 _CHUNK_ELEMENTS = 16_000_000
 _TIE_BREAK = 1e-3
 EXAMPLES_PER_CONFUSION = 3
+# Training rows scored at most: a larger run is scored against a sample of whole shards spread over it (which
+# `train_images_scored` records), so the driver holds at most 100,000 x 1280 float32 raw features (0.5 GB) however
+# large the run; FULL Fruits-360 (67,692) is scored whole.
+TRAIN_ROWS_READ = 100_000
 
 
 def default_work_dir(run_dir: str) -> str:
@@ -113,9 +118,10 @@ class _Scored:
         return float(np.mean(predicted == chosen))
 
 
-def _labelled_matrix(run_dir: str, directory: str, column: str) -> tuple[np.ndarray, list[str], list[str]]:
+def _labelled_matrix(run_dir: str, directory: str, column: str,
+                     at_most: int | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     try:
-        table = RunFolder(run_dir).table(directory, columns=["path", "label", column])
+        table = RunFolder(run_dir).table(directory, columns=["path", "label", column], at_most=at_most)
     except (OSError, pa.ArrowException) as exc:
         raise FruitpipeError(f"cannot read {run_dir.rstrip('/')}/{directory} (a torn or missing Parquet part: "
                              f"{str(exc).strip().splitlines()[0]}); run the command that wrote it again") from None
@@ -123,7 +129,7 @@ def _labelled_matrix(run_dir: str, directory: str, column: str) -> tuple[np.ndar
 
 
 def _score(run_dir: str, test_dir: str, directory: str, column: str) -> _Scored:
-    train, train_names, train_paths = _labelled_matrix(run_dir, directory, column)
+    train, train_names, train_paths = _labelled_matrix(run_dir, directory, column, at_most=TRAIN_ROWS_READ)
     test, test_names, test_paths = _labelled_matrix(test_dir, directory, column)
     classes = sorted(set(train_names))
     index = {label: i for i, label in enumerate(classes)}
@@ -163,7 +169,8 @@ def evaluate(run_dir: str, config: RunConfig) -> dict:
     document = {
         "run_dir": run_dir, "test_source": config.source, "split": config.split, "test_run": tested.output,
         "metric": METRIC, "methods": METHOD_TITLES, "classes": len(reference.classes),
-        "train_images": trained.images_ok, "test_images": int(test_counts.sum()),
+        "train_images": trained.images_ok, "train_images_scored": int(reference.train_counts.sum()),
+        "test_images": int(test_counts.sum()),
         "test_images_failed": tested.images_failed, "test_images_unseen_class": reference.unseen,
         "chance": 1.0 / len(reference.classes), "majority_class": float(test_counts.max() / max(1, test_counts.sum())),
         "feature_sets": {name: {"dim": scored.dim, "accuracy": {m: scored.accuracy(m) or 0.0 for m in METHODS}}

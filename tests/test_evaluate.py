@@ -159,3 +159,20 @@ def test_run_takes_a_config_or_keywords_but_not_both(tmp_path):
         fruitpipe.run(config, pca_k=3)
     with pytest.raises(FruitpipeError, match="unknown option pca_kk"):
         fruitpipe.run(source=str(tmp_path), output=str(tmp_path / "out"), pca_kk=3)
+
+
+@pytest.mark.spark
+def test_a_large_run_is_scored_against_a_sample_of_its_training_shards(finished_run, demo_root, monkeypatch,
+                                                                      tmp_path):
+    """Above evaluate.TRAIN_ROWS_READ training rows, whole shards spread over the run are read, and the document
+    says how many training images were scored."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.output, run_dir)
+    monkeypatch.setattr(evaluation, "TRAIN_ROWS_READ", finished_run.images_ok // 2)
+    assert main(["evaluate", str(run_dir), "--test", str(demo_root), "--quiet"]) == 0
+    document = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
+    assert document["train_images"] == finished_run.images_ok
+    assert 0 < document["train_images_scored"] <= finished_run.images_ok // 2 + finished_run.shards_total
+    assert document["train_images_scored"] == sum(row["train"] for row in document["per_class"])
+    assert all(0.0 <= document["feature_sets"][name]["accuracy"][method] <= 1.0
+               for name in ("pca", "raw") for method in evaluation.METHODS)
