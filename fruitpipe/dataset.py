@@ -191,7 +191,7 @@ def _classify(path: str, entry: ListedFile, split: str, has_splits: bool) -> Ima
 def selected_parts(layout: SourceLayout, selection: Selection) -> list[SourcePart]:
     """The parts a selection needs listed: the class folders its globs match (all without globs), and, when no
     class is chosen, the folders beside the split ones, whose files count as failed images."""
-    chosen = [part for part in layout.parts if _class_selected(part.label, selection)
+    chosen = [part for part in layout.parts if class_selected(part.label, selection)
               or (not part.label and not selection.classes)]
     if not any(part.label for part in chosen):
         if selection.classes:
@@ -200,7 +200,8 @@ def selected_parts(layout: SourceLayout, selection: Selection) -> list[SourcePar
     return chosen
 
 
-def _class_selected(label: str, selection: Selection) -> bool:
+def class_selected(label: str, selection: Selection) -> bool:
+    """Whether a class (folder name; '' for none) is one the selection's globs take (all, without globs)."""
     return bool(label) and (not selection.classes or any(fnmatch.fnmatchcase(label, glob)
                                                          for glob in selection.classes))
 
@@ -248,7 +249,7 @@ def select(images: list[ImageRecord], selection: Selection) -> list[ImageRecord]
     the images in path order."""
     by_class: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in images:
-        if _class_selected(record.label, selection):
+        if class_selected(record.label, selection):
             by_class[record.label].append(record)
     if not by_class:
         raise FruitpipeError(f"no class matches {', '.join(selection.classes)}")

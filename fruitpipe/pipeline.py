@@ -132,7 +132,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
     phase = time.perf_counter()
     layout = source_layout(config.source, config.split)
     selection = config.selection()
-    selected_parts(layout, selection)  # a selection that matches no class is refused before OUT is touched
+    parts = selected_parts(layout, selection)  # a selection that matches no class is refused before OUT is touched
     seconds["list_top"] = time.perf_counter() - phase
     if fixed_pca is None and config.pca_variance is None:
         _check_k(config.pca_k, artifact.spec.feature_dim)
@@ -159,13 +159,14 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
         pool = running.enter_context(contextlib.ExitStack())
         planner = distributor or pool.enter_context(open_distributor(LOCAL_ENGINE, config, len(layout.parts)))
         folder.claim(identity(shard_size), replacing=config.overwrite)
-        planned = plan_run(planner, folder, layout, selection, shard_size, stored,
+        planned = plan_run(planner, folder, layout, parts, selection, shard_size, stored,
                            spread_new_images=config.shard_size is None)
         plan = planned.plan
         seconds.update(list=seconds.pop("list_top") + planned.seconds["list"], plan=planned.seconds["plan"])
         config = dataclasses.replace(config, shard_size=plan.shard_size)
-        fingerprint = identity(plan.shard_size)["fingerprint"]
-        folder.record({**identity(plan.shard_size), "images": planned.images, "listing_sha256": plan.digest})
+        planned_identity = identity(plan.shard_size)
+        fingerprint = planned_identity["fingerprint"]
+        folder.record({**planned_identity, "images": planned.images, "listing_sha256": plan.digest})
         if fixed_pca is None and config.pca_variance is None:
             _check_k(config.pca_k, artifact.spec.feature_dim, planned.images)
         if distributor is None and choose_engine(config, planned.images) == LOCAL_ENGINE:
@@ -173,7 +174,8 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
         elif distributor is None:
             pool.close()
             distributor = running.enter_context(open_distributor(SPARK_ENGINE, config, len(plan.shards)))
-        _remove_unplanned(folder, plan, stored)
+        finished = folder.finished_shards()
+        _remove_unplanned(folder, plan, stored, finished)
         folder.write_artifact(artifact, onnx)
         folder.write_listing_errors(_listing_errors(planned.unlisted))
         settings = ExtractionSettings(source=config.source, output=config.output,
@@ -182,7 +184,7 @@ def _execute(config: RunConfig, artifact: ModelArtifact, onnx: bytes, fixed_pca:
                                       read_timeout_s=config.read_timeout_s, read_attempts=config.read_attempts,
                                       precision=config.precision, runtime=runtime.runtime)
         phase = time.perf_counter()
-        done = stages.run_resume(distributor, config.output, plan, sorted(folder.finished_shards() & set(plan.shards)))
+        done = stages.run_resume(distributor, config.output, plan, sorted(finished & set(plan.shards)))
         pending = sorted(set(plan.shards) - set(done))
         with ExtractionProgress(config.output, {i: shard.images for i, shard in plan.shards.items()}, set(done),
                                 config.quiet):
@@ -240,11 +242,11 @@ def _check_k(k: int | None, feature_dim: int, image_count: int | None = None) ->
         raise FruitpipeError(f"--pca-k {k} is larger than the number of selected images ({image_count})")
 
 
-def _remove_unplanned(folder: RunFolder, plan: ShardPlan, stored: ShardPlan | None) -> None:
+def _remove_unplanned(folder: RunFolder, plan: ShardPlan, stored: ShardPlan | None, finished: set[int]) -> None:
     """Delete the shards the plan does not hold: all of whose images left the source, and those of a folder
     planned afresh (an older plan format) beyond the new plan. Shards that lost some images are rewritten by
-    their resume tasks (`RunFolder.resume_shard`)."""
-    earlier = folder.finished_shards() | (set(stored.shards) if stored is not None else set())
+    their resume tasks (`RunFolder.resume_shard`). `finished`: the shards with a stats file."""
+    earlier = finished | (set(stored.shards) if stored is not None else set())
     for shard_id in sorted(earlier - set(plan.shards)):
         folder.remove_shard(shard_id)
 

@@ -21,7 +21,6 @@ generation and the parts it reads (`records.PlannedShard`). Shard tasks read the
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -36,9 +35,9 @@ from fruitpipe.dataset import (
     SourceLayout,
     SourcePart,
     UnlistedFile,
+    class_selected,
     list_part,
     quotas,
-    selected_parts,
 )
 from fruitpipe.distributors import Distributor
 from fruitpipe.errors import FruitpipeError
@@ -115,21 +114,22 @@ class _Numbering:
     label_index: int
 
 
-def plan_run(distributor: Distributor, folder: RunFolder, layout: SourceLayout, selection: Selection,
-             shard_size: int | None, stored: ShardPlan | None, spread_new_images: bool) -> PlannedRun:
+def plan_run(distributor: Distributor, folder: RunFolder, layout: SourceLayout, parts: list[SourcePart],
+             selection: Selection, shard_size: int | None, stored: ShardPlan | None,
+             spread_new_images: bool) -> PlannedRun:
     """The run's shard plan, stored in `folder`: a fresh one (generation 0, `shard_size` None: auto's for the
     selection's size), the stored one when the selection is unchanged (a resume), or the stored one grown by a
     generation: images no longer selected (removed, or changed in place) leave their shards, new ones fill new
     shards numbered after every earlier one; no existing shard gains an image. With `spread_new_images` (the shard
     size is auto's) the new images spread over as many shards as a fresh run of them would, so a small growth still
-    keeps every core busy. label_index is per run: kept for every class once given; a new class takes the next one.
+    keeps every core busy. `parts` are the layout's parts the selection lists (`dataset.selected_parts`).
+    label_index is per run: kept for every class once given; a new class takes the next one.
     """
     listing, rows = folder.new_plan_names()
     context = _Context(folder.output, dataclasses.replace(layout, parts=(), other_files=()), listing, rows,
                        stored.rows if stored else None)
     stored_parts = {part.path: part.number for part in stored.parts} if stored else {}
     started = time.perf_counter()
-    parts = selected_parts(layout, selection)
     counts = distributor.map(partial(_list_part, context=context), parts)
     listed = time.perf_counter()
     unlisted = [file for count in counts for file in count.other_files if _counts_as_failed(file, selection)]
@@ -228,8 +228,7 @@ def _counts_as_failed(unlisted: UnlistedFile, selection: Selection) -> bool:
     in no class folder: when no class is chosen)."""
     if selection.limit is not None or selection.per_class is not None:
         return False
-    return not selection.classes or any(fnmatch.fnmatchcase(unlisted.label, glob)
-                                        for glob in selection.classes if unlisted.label)
+    return not selection.classes or class_selected(unlisted.label, selection)
 
 
 # -- the tasks ---------------------------------------------------------------------------------------------------

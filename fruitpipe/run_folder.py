@@ -659,12 +659,10 @@ class RunFolder:
 
     def shard_rows(self, plan_rows: str, shard_id: int, parts: tuple[int, ...]) -> list[ImageRow]:
         """A planned shard's images, in path order, read from the plan parts that hold them (a task's read)."""
-        import pyarrow.compute as pc
-
         rows: list[ImageRow] = []
         for number in parts:
             table = sinks.read_parquet_where(self._out, _plan_part(plan_rows, number), "shard_id", shard_id)
-            rows += map(ImageRow.from_dict, table.filter(pc.equal(table.column("shard_id"), shard_id)).to_pylist())
+            rows += map(ImageRow.from_dict, table.to_pylist())
         return sorted(rows, key=lambda row: row.path)
 
     # -- readers of a finished run ---------------------------------------------------------------------------------

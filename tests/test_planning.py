@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fruitpipe.config import Selection
-from fruitpipe.dataset import ImageRecord, list_split, quotas, select, source_layout
+from fruitpipe.dataset import ImageRecord, list_split, quotas, select, selected_parts, source_layout
 from fruitpipe.distributors import DriverDistributor
 from fruitpipe.planning import plan_run
 from fruitpipe.run_folder import RunFolder
@@ -56,6 +56,13 @@ def source(tmp_path):
     return root
 
 
+def _plan(out: str, source, selection: Selection, shard_size: int | None, stored=None):
+    """The run's plan over `source` as the pipeline makes it, its tasks in this process."""
+    layout = source_layout(str(source), "Training")
+    return plan_run(DriverDistributor(), RunFolder(out), layout, selected_parts(layout, selection), selection,
+                    shard_size, stored, spread_new_images=False)
+
+
 def _planned_rows(out: str, plan) -> list[tuple[str, int, int]]:
     folder = RunFolder(out)
     return [(row.path, row.shard_id, row.label_index)
@@ -69,8 +76,7 @@ def _planned_rows(out: str, plan) -> list[tuple[str, int, int]]:
 @pytest.mark.parametrize("shard_size", [1, 4, 64])
 def test_the_plan_equals_one_cut_from_the_whole_listing(source, tmp_path, selection, shard_size):
     out = str(tmp_path / "out")
-    planned = plan_run(DriverDistributor(), RunFolder(out), source_layout(str(source), "Training"), selection,
-                       shard_size, None, spread_new_images=False)
+    planned = _plan(out, source, selection, shard_size)
     images: list[ImageRecord] = select(list_split(str(source), "Training").images, selection)
     labels = {label: index for index, label in enumerate(sorted({image.label for image in images}))}
     expected = [(image.path, number // shard_size, labels[image.label]) for number, image in enumerate(images)]
@@ -88,16 +94,14 @@ def test_the_plan_equals_one_cut_from_the_whole_listing(source, tmp_path, select
 
 def test_a_grown_plan_keeps_every_shard_and_numbers_new_images_after_them(source, tmp_path):
     out = str(tmp_path / "out")
-    layout = source_layout(str(source), "Training")
-    first = plan_run(DriverDistributor(), RunFolder(out), layout, Selection(), 4, None, False).plan
+    first = _plan(out, source, Selection(), 4).plan
     before = _planned_rows(out, first)
     (source / "Training" / "Apple" / "new.bmp").write_bytes(bmp(50))
     (source / "Training" / "Durian").mkdir()
     (source / "Training" / "Durian" / "d.bmp").write_bytes(bmp(51))
     removed = source / "Training" / "Banana" / "03.bmp"
     removed.unlink()
-    grown = plan_run(DriverDistributor(), RunFolder(out), source_layout(str(source), "Training"), Selection(), 4,
-                     first, False).plan
+    grown = _plan(out, source, Selection(), 4, first).plan
     after = _planned_rows(out, grown)
     kept = [row for row in before if not row[0].endswith("Banana/03.bmp")]
     assert [row for row in after if row[1] < first.next_shard_id] == kept
@@ -107,6 +111,5 @@ def test_a_grown_plan_keeps_every_shard_and_numbers_new_images_after_them(source
     assert grown.labels == {**first.labels, "Durian": max(first.labels.values()) + 1}
     assert grown.generations[-1] | {"created_unix": 0} == {"generation": 1, "created_unix": 0, "images_added": 2,
                                                           "images_removed": 1, "shards_added": 1, "shards_shrunk": 1}
-    unchanged = plan_run(DriverDistributor(), RunFolder(out), source_layout(str(source), "Training"), Selection(), 4,
-                         grown, False).plan
+    unchanged = _plan(out, source, Selection(), 4, grown).plan
     assert unchanged is grown
